@@ -1,0 +1,193 @@
+"""The ``csm`` command line: a thin shell over the Python API.
+
+Each subcommand is one entry of :data:`COMMANDS`: a config dataclass (``module:Class``) and the API
+function that runs it (``module:function``, called as ``function(config)``). Flags are built from
+the dataclass fields (``--group-size 8`` or ``--group_size 8``), ``--config FILE.yaml`` supplies a
+file layer, and :func:`csm.config.resolve_config` merges defaults, file and flags. Modules are
+imported only when their command runs, so ``csm --help`` stays fast.
+
+User-fixable problems (:class:`csm.errors.CSMError`) print one line, ``csm: error: ...``, and exit
+with code 2; argparse usage errors exit 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from csm import __version__
+from csm.config import field_help, resolve_config, unwrap_optional
+from csm.errors import CSMError
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand.
+
+    Attributes:
+        help: One-line description shown by ``csm --help``.
+        config: ``"module:ConfigClass"`` of the stage's config dataclass.
+        run: ``"module:function"`` called with the resolved config; a returned string is printed.
+        positional: Config fields taken as positional arguments, in order.
+    """
+
+    help: str
+    config: str
+    run: str
+    positional: tuple[str, ...] = ()
+
+
+# Names with a space are nested: "data info" is ``csm data info``.
+COMMANDS: dict[str, Command] = {
+    "data info": Command(
+        "describe a dataset: classes, split sizes, image shape and class balance",
+        "csm.data:DataInfoConfig",
+        "csm.data:data_info",
+        positional=("spec",),
+    ),
+}
+
+_GROUP_HELP = {"data": "inspect real datasets"}
+
+
+def _load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _add_field_arguments(parser: argparse.ArgumentParser, cmd: Command) -> None:
+    cls = _load(cmd.config)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = unwrap_optional(hints[f.name])
+        is_list = typing.get_origin(tp) in (list, tuple)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        help_text = field_help(f)
+        if default not in (None, "", []):
+            help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
+        if f.name in cmd.positional:
+            parser.add_argument(
+                f.name,
+                nargs="+" if is_list else None,
+                help=help_text,
+                metavar=f.name.upper(),
+            )
+            continue
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif is_list:
+            kwargs.update(nargs="+", metavar="V")
+        else:
+            kwargs.update(metavar=getattr(tp, "__name__", "V").upper())
+        parser.add_argument(*flags, **kwargs)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser.
+
+    Args:
+        only: If given, import and fully describe only this command (the others get a stub
+            parser with their one-line help), so a command's flags load lazily.
+    """
+    parser = argparse.ArgumentParser(
+        prog="csm",
+        description="Calibration-aware semantic mixing: generate class-mixed images, annotate "
+        "them with calibrated soft labels, train and evaluate calibrated classifiers.",
+    )
+    parser.add_argument("--version", action="version", version=f"csm {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages", default=False
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, cmd in COMMANDS.items():
+        head, _, tail = name.partition(" ")
+        target = sub
+        if tail:
+            if head not in groups:
+                gp = sub.add_parser(head, help=_GROUP_HELP.get(head, head))
+                groups[head] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            target = groups[head]
+        p = target.add_parser(tail or head, help=cmd.help, description=cmd.help)
+        p.set_defaults(_command=name)
+        if only == name:
+            p.add_argument(
+                "--config",
+                dest="_config",
+                default=None,
+                metavar="FILE.yaml",
+                help="YAML file of options; flags given here override it",
+            )
+            _add_field_arguments(p, cmd)
+        else:
+            p.add_argument("_rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def _which_command(argv: list[str]) -> str | None:
+    words = [a for a in argv if not a.startswith("-")]
+    for n in (2, 1):
+        name = " ".join(words[:n])
+        if name in COMMANDS:
+            return name
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``csm`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = _which_command(argv)
+    try:
+        parser = build_parser(only=name)
+    except CSMError as exc:
+        print(f"csm: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if getattr(args, "_command", None) is None:
+        # "csm" or "csm data" without a subcommand: show the relevant help.
+        if getattr(args, "command", None):
+            parser.parse_args([args.command, "--help"])
+        parser.print_help()
+        return 2
+    cmd = COMMANDS[args._command]
+    overrides = {
+        k: v
+        for k, v in vars(args).items()
+        if not k.startswith("_") and k not in {"command", "subcommand", "verbose"}
+    }
+    try:
+        cfg = resolve_config(_load(cmd.config), args._config, overrides)
+        result = _load(cmd.run)(cfg)
+    except CSMError as exc:
+        print(f"csm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("csm: interrupted; rerun with --resume to continue where it stopped", file=sys.stderr)
+        return 130
+    if isinstance(result, str):
+        try:
+            print(result)
+        except BrokenPipeError:  # e.g. piped into `head`
+            sys.stderr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
