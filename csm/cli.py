@@ -51,6 +51,53 @@ COMMANDS: dict[str, Command] = {
         "csm.data:data_info",
         positional=("spec",),
     ),
+    "fit-diffusion": Command(
+        "train a class-conditional diffusion model (UNet, CFG null class, EMA) on a dataset",
+        "csm.fit_diffusion:FitDiffusionConfig",
+        "csm.fit_diffusion:fit_diffusion",
+    ),
+    "generate": Command(
+        "sample class-mixed groups into a resumable synthetic dataset (accelerate launch splits "
+        "shards across processes)",
+        "csm.generate:GenerateConfig",
+        "csm.generate:generate",
+    ),
+    "annotate": Command(
+        "calibrated reannotation of a synthetic dataset (prototype projection + squash, or judge)",
+        "csm.annotate:AnnotateConfig",
+        "csm.annotate:annotate",
+        positional=("dataset",),
+    ),
+    "train": Command(
+        "train a classifier with CSM or any competing calibration method (accelerate launch "
+        "runs it on several processes or GPUs)",
+        "csm.train:TrainConfig",
+        "csm.train:train_command",
+    ),
+    "push": Command(
+        "push a synthetic dataset and its card to the Hugging Face Hub",
+        "csm.hub:PushConfig",
+        "csm.hub:push",
+        positional=("dataset",),
+    ),
+    "evaluate": Command(
+        "score runs with every calibration metric and post-hoc calibrator, clean, under "
+        "corruption shift and OOD; write results.csv, leaderboard.md and plots",
+        "csm.evaluate:EvaluateConfig",
+        "csm.evaluate:evaluate",
+        positional=("runs",),
+    ),
+    "benchmark": Command(
+        "train every method for several seeds and evaluate them all (resumable)",
+        "csm.benchmark:BenchmarkConfig",
+        "csm.benchmark:benchmark",
+    ),
+    "demo": Command(
+        "the whole pipeline on an embedded dataset in minutes: fit, generate, annotate, train, "
+        "evaluate, report (resumable)",
+        "csm.demo:DemoConfig",
+        "csm.demo:demo",
+    ),
 }
 
 _GROUP_HELP = {"data": "inspect real datasets"}

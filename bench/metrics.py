@@ -1,0 +1,175 @@
+"""Benchmark: the whole ``csm.metrics`` suite against torchmetrics' top-label ECE alone.
+
+Goal (issue 6): ``csm.metrics.compute_all`` on 1,000,000 x 100 logits, in one call, costs
+<= 2x ``torchmetrics.functional.classification.multiclass_calibration_error`` (15 bins, l1) on the
+same logits. Both run in this one process on the same float32 logits tensor (400 MB), alternating,
+``--repeats`` times; the minimum of each is kept (the machine is shared, the minimum is the least
+disturbed run). torchmetrics is called exactly as a user would: logits in (it checks the range and
+applies the softmax itself), default argument validation.
+
+Besides the headline ratio the JSON records what each part of the suite costs on the same
+probabilities (softmax once, then each public metric function without re-validation where the
+suite shares work), the peak resident memory, and the machine's load average, so a slow result
+can be traced to the metric that causes it.
+
+Usage::
+
+    python bench/metrics.py --n 1000000 --k 100 --repeats 3
+
+Results go to ``bench/results/metrics.json`` (written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from csm import metrics as M  # noqa: E402
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def make_logits(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over-confident classifier-like logits: N(0, 3^2) plus 4 on the true class (~14% acc)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=g)
+    logits = torch.randn(n, k, generator=g).mul_(3.0)
+    logits[torch.arange(n), labels] += 4.0
+    return logits, labels
+
+
+def parts(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Seconds per part of the suite, each on precomputed softmax probabilities."""
+    p = torch.softmax(logits, 1)
+    conf, correct = M._top_label(p, labels)
+    s_desc, order = torch.sort(conf, descending=True, stable=True)
+    c_desc = correct[order]
+    jobs = {
+        "softmax": lambda: torch.softmax(logits, 1),
+        "top-label (max, argmax)": lambda: M._top_label(p, labels),
+        "brier": lambda: M._brier(p, labels),
+        "binned ECE/MCE/OE/UE": lambda: M._binned_errors(*M._binned_sums(conf, correct, 15)),
+        "sort confidences": lambda: torch.sort(conf, descending=True, stable=True),
+        "AdaECE": lambda: M._adaptive_ece(s_desc.flip(0), c_desc.flip(0), 15),
+        "classwise ECE": lambda: M._classwise_ece(p, labels, 15),
+        "smECE": lambda: M._SmoothECE(conf, correct).fixed_point(),
+        "KS": lambda: M._ks(s_desc, c_desc),
+        "misclassification AUROC": lambda: M._auroc_sorted_desc(s_desc, c_desc, "sc/AUROC"),
+        "AURC/E-AURC/Risk@80": lambda: M._selective(c_desc),
+        "OvO AUROC": lambda: M._ovo_auroc(p, labels),
+    }
+    return {name: _timed(fn)[0] for name, fn in jobs.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "metrics.json"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    load_start = os.getloadavg()
+    logits, labels = make_logits(args.n, args.k, args.seed)
+    rss_inputs = _rss_mb()
+
+    def ref():
+        return multiclass_calibration_error(logits, labels, args.k, n_bins=15, norm="l1")
+
+    def suite():
+        return M.compute_all(logits, labels, n_bins=15)
+
+    def suite_no_ovo():
+        return M.compute_all(logits, labels, n_bins=15, exclude={"cls/OvO-AUROC"})
+
+    # warm-up on a slice (kernels, lazy imports)
+    multiclass_calibration_error(logits[:1000], labels[:1000], args.k, n_bins=15)
+    M.compute_all(logits[:1000], labels[:1000])
+
+    t_ref, t_suite, t_no_ovo = [], [], []
+    values = ref_value = None
+    for r in range(args.repeats):
+        dt, ref_value = _timed(ref)
+        t_ref.append(dt)
+        dt, values = _timed(suite)
+        t_suite.append(dt)
+        t_no_ovo.append(_timed(suite_no_ovo)[0])
+        print(
+            f"repeat {r}: torchmetrics ECE {t_ref[-1]:.3f} s, compute_all {t_suite[-1]:.3f} s, "
+            f"compute_all without OvO AUROC {t_no_ovo[-1]:.3f} s"
+        )
+    rss_peak = _rss_mb()
+    breakdown = parts(logits, labels)
+    best_ref, best_suite, without_ovo = min(t_ref), min(t_suite), min(t_no_ovo)
+    result = {
+        "benchmark": "metrics",
+        "command": " ".join(["python bench/metrics.py", *(sys.argv[1:] if argv is None else argv)]),
+        "n": args.n,
+        "k": args.k,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
+        "torchmetrics_ece_s": t_ref,
+        "compute_all_s": t_suite,
+        "torchmetrics_ece_best_s": best_ref,
+        "compute_all_best_s": best_suite,
+        "ratio": best_suite / best_ref,
+        "target_ratio": 2.0,
+        "meets_target": best_suite / best_ref <= 2.0,
+        "parts_s": breakdown,
+        "compute_all_without_ovo_s": t_no_ovo,
+        "compute_all_without_ovo_best_s": without_ovo,
+        "ratio_without_ovo": without_ovo / best_ref,
+        "ece_csm": values["cal/ECE"],
+        "ece_torchmetrics": float(ref_value),
+        "metrics": values,
+        "peak_rss_mb": rss_peak,
+        "rss_after_inputs_mb": rss_inputs,
+        "input_mb": logits.numel() * logits.element_size() / 2**20,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(
+        f"n={args.n} k={args.k}: torchmetrics ECE {best_ref:.3f} s, compute_all {best_suite:.3f} s,"
+        f" ratio {result['ratio']:.2f} (target <= 2.0); without OvO AUROC {without_ovo:.3f} s,"
+        f" ratio {result['ratio_without_ovo']:.2f}; peak RSS {rss_peak:.0f} MB; -> {out}"
+    )
+    for name, sec in sorted(breakdown.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:28s} {sec:7.3f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

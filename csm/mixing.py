@@ -1,0 +1,230 @@
+"""Semantic-mixing schedule: which classes, which λ and which seed every generated group uses.
+
+A *group* is ``G`` images that share one initial noise and walk from pure class ``b`` (λ = 0)
+to pure class ``a`` (λ = 1) at ``λ = 0, 1/(G-1), ..., 1`` (Luo et al., ICML 2025, section 3.1;
+the paper uses ``G = 8``). Group ``k`` uses the unordered pair ``(a, b)``, ``a < b``, at position
+``k mod P`` of the lexicographic list of the ``P = K(K-1)/2`` pairs, and the seed
+:func:`seed_for_group` ``(k, base)``. Both are pure functions of ``k`` and the base seed, so any
+range of groups can be generated on its own: resuming a job or splitting it across processes
+yields exactly the images of one uninterrupted run.
+
+λ is always the weight of ``class_a``: λ = 1 is pure class ``a``, λ = 0 pure class ``b``.
+
+References:
+    Luo, Tao, Dong, Xu. "Beyond One-Hot Labels: Semantic Mixing for Model Calibration." ICML 2025,
+    arXiv:2504.13548.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from csm.errors import CSMError
+
+__all__ = [
+    "MixGroup",
+    "dirichlet_weights",
+    "group_plan",
+    "lambdas",
+    "mixing_weights",
+    "num_pairs",
+    "pair_for_group",
+    "seed_for_group",
+]
+
+
+def lambdas(group_size: int) -> list[float]:
+    """Mixing ratios of one group: ``[0, 1/(G-1), ..., 1]``.
+
+    Args:
+        group_size: Images per group ``G`` (at least 2).
+
+    Returns:
+        ``G`` evenly spaced ratios; the first is exactly 0.0 and the last exactly 1.0.
+
+    Raises:
+        CSMError: If ``group_size < 2``.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int | np.integer):
+        raise CSMError(f"group_size={group_size!r}: must be an integer; pass e.g. --group-size 8")
+    if group_size < 2:
+        raise CSMError(
+            f"group_size={group_size}: a group needs at least 2 images (both pure ends); "
+            "pass --group-size 2 or more (the paper uses 8)"
+        )
+    g = int(group_size)
+    return [i / (g - 1) for i in range(g)]
+
+
+def num_pairs(num_classes: int) -> int:
+    """Number of unordered class pairs ``K(K-1)/2``.
+
+    Raises:
+        CSMError: If ``num_classes < 2``.
+    """
+    if num_classes < 2:
+        raise CSMError(
+            f"num_classes={num_classes}: mixing needs at least 2 classes; "
+            "use a dataset with 2 or more classes"
+        )
+    return num_classes * (num_classes - 1) // 2
+
+
+def pair_for_group(k: int, num_classes: int) -> tuple[int, int]:
+    """Class pair ``(a, b)`` with ``a < b`` used by group ``k``.
+
+    Pairs are walked in lexicographic order ``(0,1), (0,2), ..., (0,K-1), (1,2), ...`` and the walk
+    cycles, so every pair appears exactly once in each block of ``K(K-1)/2`` consecutive groups.
+
+    Args:
+        k: Group index (``>= 0``).
+        num_classes: Number of classes ``K`` (``>= 2``).
+
+    Returns:
+        The pair ``(a, b)``; computed in closed form (no list of pairs is built).
+
+    Raises:
+        CSMError: If ``k < 0`` or ``num_classes < 2``.
+    """
+    if k < 0:
+        raise CSMError(f"group index {k}: must be >= 0; groups are numbered from 0")
+    p = num_pairs(num_classes)
+    idx = int(k) % p
+    n = num_classes
+    # number of pairs whose first element is < a:  S(a) = a*n - a*(a+1)/2.  Find the largest a with
+    # S(a) <= idx by solving the quadratic, then correct for floating-point rounding.
+    a = int(((2 * n - 1) - math.sqrt((2 * n - 1) ** 2 - 8 * idx)) // 2)
+    a = max(0, min(a, n - 2))
+
+    def start(x: int) -> int:
+        return x * n - x * (x + 1) // 2
+
+    while a > 0 and start(a) > idx:
+        a -= 1
+    while a < n - 2 and start(a + 1) <= idx:
+        a += 1
+    b = a + 1 + (idx - start(a))
+    return a, b
+
+
+def seed_for_group(k: int, base_seed: int) -> int:
+    """Seed of group ``k``: a pure function of ``(k, base_seed)``.
+
+    Uses :class:`numpy.random.SeedSequence` entropy mixing of ``[base_seed, k]``, so nearby groups
+    and nearby base seeds get statistically independent seeds, and the value never depends on how
+    many groups were generated before.
+
+    Args:
+        k: Group index (``>= 0``).
+        base_seed: Seed recorded for the whole generation job (``>= 0``).
+
+    Returns:
+        An integer in ``[0, 2**63)`` usable with ``torch.Generator().manual_seed``.
+    """
+    if k < 0:
+        raise CSMError(f"group index {k}: must be >= 0; groups are numbered from 0")
+    if base_seed < 0:
+        raise CSMError(f"seed={base_seed}: must be >= 0; pass a non-negative --seed")
+    state = np.random.SeedSequence([int(base_seed), int(k)]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+@dataclass(frozen=True)
+class MixGroup:
+    """Everything needed to generate (and later describe) one group.
+
+    Attributes:
+        group_id: Index ``k`` of the group.
+        seed: Seed shared by all images of the group (one initial noise).
+        class_a: Class with weight λ.
+        class_b: Class with weight 1 - λ.
+        lams: The ``G`` ratios, from 0 (pure ``class_b``) to 1 (pure ``class_a``).
+    """
+
+    group_id: int
+    seed: int
+    class_a: int
+    class_b: int
+    lams: tuple[float, ...]
+
+
+def group_plan(k: int, num_classes: int, base_seed: int, group_size: int = 8) -> MixGroup:
+    """The pair, seed and ratios of group ``k`` (see module docstring)."""
+    a, b = pair_for_group(k, num_classes)
+    return MixGroup(
+        group_id=int(k),
+        seed=seed_for_group(k, base_seed),
+        class_a=a,
+        class_b=b,
+        lams=tuple(lambdas(group_size)),
+    )
+
+
+def mixing_weights(
+    class_a: list[int], class_b: list[int], lam: list[float], num_classes: int
+) -> np.ndarray:
+    """Dense per-sample class weights ``λ·onehot(a) + (1-λ)·onehot(b)``.
+
+    Args:
+        class_a: Per-sample first class.
+        class_b: Per-sample second class.
+        lam: Per-sample weight of ``class_a`` in ``[0, 1]``.
+        num_classes: ``K``.
+
+    Returns:
+        ``float64`` array ``(N, K)``; row ``i`` sums to 1.
+
+    Raises:
+        CSMError: On a class index outside ``[0, K)``, λ outside ``[0, 1]`` or length mismatch.
+    """
+    if not (len(class_a) == len(class_b) == len(lam)):
+        raise CSMError(
+            f"class_a/class_b/lam: lengths {len(class_a)}/{len(class_b)}/{len(lam)} differ; "
+            "pass one value per sample"
+        )
+    w = np.zeros((len(lam), num_classes), dtype=np.float64)
+    for i, (a, b, t) in enumerate(zip(class_a, class_b, lam, strict=True)):
+        for name, c in (("class_a", a), ("class_b", b)):
+            if not 0 <= int(c) < num_classes:
+                raise CSMError(
+                    f"{name}={c}: class index out of range for {num_classes} classes; "
+                    f"use 0..{num_classes - 1} or a class name"
+                )
+        t = float(t)
+        if not 0.0 <= t <= 1.0 or math.isnan(t):
+            raise CSMError(f"lam={t}: mixing ratio must lie in [0, 1]; clip or fix the value")
+        w[i, int(a)] += t
+        w[i, int(b)] += 1.0 - t
+    return w
+
+
+def dirichlet_weights(
+    k: int, num_classes: int, base_seed: int, num_mix: int = 3, alpha: float = 1.0
+) -> tuple[list[int], np.ndarray]:
+    """Optional multi-class mixing: ``num_mix`` classes with Dirichlet(``alpha``) weights.
+
+    The classes and weights of group ``k`` are drawn from a generator seeded by
+    :func:`seed_for_group`, so they are as reproducible as the pairwise schedule.
+
+    Args:
+        k: Group index.
+        num_classes: ``K``.
+        base_seed: Job seed.
+        num_mix: How many distinct classes to mix (``2 <= num_mix <= K``).
+        alpha: Dirichlet concentration (``> 0``).
+
+    Returns:
+        ``(classes, weights)``: sorted class indices and their weights (sum 1).
+    """
+    if not 2 <= num_mix <= num_classes:
+        raise CSMError(
+            f"num_mix={num_mix}: must be between 2 and the number of classes ({num_classes})"
+        )
+    if not alpha > 0:
+        raise CSMError(f"alpha={alpha}: Dirichlet concentration must be > 0")
+    rng = np.random.default_rng(seed_for_group(k, base_seed))
+    classes = sorted(rng.choice(num_classes, size=num_mix, replace=False).tolist())
+    return classes, rng.dirichlet([alpha] * num_mix)
