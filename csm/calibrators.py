@@ -188,23 +188,47 @@ class Identity(Calibrator):
 class TemperatureScaling(Calibrator):
     """softmax(z / T) with T minimising validation NLL (Guo et al., ICML 2017).
 
-    Optimises ``log T`` (so T stays positive) with L-BFGS (strong Wolfe line search), in float64.
+    Optimises ``log T`` (so T stays positive) with L-BFGS (strong Wolfe line search), in float64,
+    and clamps T to ``[min_temperature, max_temperature]``.
+
+    When every validation prediction is correct the NLL keeps falling as T -> 0, so T is not
+    identifiable from that split: the fit then keeps T = 1 (no change) and logs a warning, rather
+    than returning a near-zero T that makes every test error infinitely confident.
 
     Args:
         max_iter: L-BFGS iterations.
+        min_temperature: Lower bound of T.
+        max_temperature: Upper bound of T.
     """
 
     name = "ts"
 
-    def __init__(self, max_iter: int = 200) -> None:
+    def __init__(
+        self, max_iter: int = 200, min_temperature: float = 0.05, max_temperature: float = 100.0
+    ) -> None:
         super().__init__()
+        if not 0 < min_temperature <= 1 <= max_temperature:
+            raise CSMError(
+                f"temperature bounds [{min_temperature}, {max_temperature}]: need "
+                "0 < min <= 1 <= max"
+            )
         self.max_iter = max_iter
+        self.min_temperature = min_temperature
+        self.max_temperature = max_temperature
         self.temperature: float | None = None
 
     def _fit(self, z, y, features, head) -> None:
+        if bool((z.argmax(dim=1) == y).all()):
+            logger.warning(
+                "temperature scaling: every validation prediction is correct, so T is not "
+                "identifiable (NLL falls as T -> 0); keeping T = 1"
+            )
+            self.temperature = 1.0
+            return
         log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
         _lbfgs([log_t], lambda: _nll(z / log_t.exp(), y), self.max_iter)
-        self.temperature = float(log_t.detach().exp())
+        t = float(log_t.detach().exp())
+        self.temperature = min(max(t, self.min_temperature), self.max_temperature)
         logger.info("temperature scaling: T = %.4f", self.temperature)
 
     def _apply(self, z, features) -> torch.Tensor:

@@ -203,3 +203,18 @@ def test_bad_inputs_name_the_problem():
         ts(torch.zeros(2, 5))
     with pytest.raises(CSMError, match="noise"):
         CALIBRATORS["cc"](noise="laplace")
+
+
+def test_ts_keeps_identity_when_validation_has_no_error(caplog):
+    # Every val prediction correct: NLL decreases monotonically as T -> 0, so T is unidentifiable.
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (60,), generator=g)
+    z = torch.randn(60, 5, generator=g)
+    z[torch.arange(60), y] += 4.0  # argmax == label for every sample
+    ts = CALIBRATORS["ts"]().fit(z, y)
+    assert ts.temperature == 1.0 and "not identifiable" in caplog.text
+    # one error makes T identifiable again, and the fit stays inside the bounds
+    y2 = y.clone()
+    y2[0] = (y[0] + 1) % 5
+    t = CALIBRATORS["ts"]().fit(z, y2).temperature
+    assert 0.05 <= t <= 100.0 and t != 1.0
