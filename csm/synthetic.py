@@ -60,6 +60,7 @@ from datasets import ClassLabel, Dataset, DatasetInfo, Features, Image, List, Va
 from datasets.utils.py_utils import asdict
 from PIL import Image as PILImage
 
+from csm.config import atomic_write_text
 from csm.errors import CSMError
 
 logger = logging.getLogger(__name__)
@@ -253,16 +254,7 @@ def write_json_atomic(data: Any, path: Path) -> None:
 
 def write_text_atomic(text: str, path: Path) -> None:
     """Write text to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def file_sha256(path: Path) -> str:
