@@ -39,6 +39,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from csm.config import atomic_path
 from csm.encoders import ImageEncoder, load_encoder
 from csm.errors import CSMError
 from csm.synthetic import (
@@ -157,17 +158,16 @@ def class_prototypes(
         )
     protos = sums / counts[:, None]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(
-        {"prototypes": protos.contiguous(), "counts": counts},
-        str(tmp),
-        metadata={
-            "encoder": encoder.spec,
-            "dataset": real.spec,
-            "class_names": json.dumps(real.class_names),
-        },
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(
+            {"prototypes": protos.contiguous(), "counts": counts},
+            str(tmp),
+            metadata={
+                "encoder": encoder.spec,
+                "dataset": real.spec,
+                "class_names": json.dumps(real.class_names),
+            },
+        )
     return protos
 
 
@@ -442,10 +442,11 @@ def plot_report(rep: dict[str, Any], path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
 
 
 def annotate(cfg: AnnotateConfig) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from csm.config import atomic_write_text, save_config
+from csm.config import atomic_path, atomic_write_text, save_config
 from csm.errors import CSMError
 
 logger = logging.getLogger(__name__)
@@ -191,10 +191,8 @@ def lambda_sweep_png(synthetic: Path, path: Path, rows: int = 6) -> Path:
         grid = grid[..., 0]
     img = Image.fromarray(grid)
     img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp)
     return path
 
 

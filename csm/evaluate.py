@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from csm import __version__
-from csm.config import atomic_write_text, save_config
+from csm.config import atomic_path, atomic_write_text, save_config
 from csm.corruptions import CORRUPTIONS, SEVERITIES, corrupt, sample_generators
 from csm.errors import CSMError
 
@@ -518,19 +517,12 @@ class _Cache:
                                         "labels": out.labels})
 
     def _write_tensors(self, path: Path, key: dict[str, Any], tensors: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.dir)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(
                 {k: v.contiguous() for k, v in tensors.items()},
-                tmp,
+                str(tmp),
                 metadata={k: str(v) for k, v in key.items()},
             )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def _class_map(data_names: list[str], run_names: list[str], run: RunInfo) -> torch.Tensor:

@@ -51,7 +51,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from csm.config import atomic_write_text, config_to_dict, save_config
+from csm.config import atomic_path, atomic_write_text, config_to_dict, save_config
 from csm.errors import CSMError
 from csm.pipeline import CSMMixingPipeline, build_unet
 
@@ -150,11 +150,8 @@ def save_png(grid: np.ndarray, path: str | os.PathLike, scale: int = 1) -> None:
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def _resolved(cfg: FitDiffusionConfig) -> dict:

@@ -45,9 +45,7 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +58,7 @@ from datasets import ClassLabel, Dataset, DatasetInfo, Features, Image, List, Va
 from datasets.utils.py_utils import asdict
 from PIL import Image as PILImage
 
-from csm.config import atomic_write_text
+from csm.config import atomic_path, atomic_write_text
 from csm.errors import CSMError
 
 logger = logging.getLogger(__name__)
@@ -234,17 +232,12 @@ def table_from_columns(features: Features, columns: dict[str, Any]) -> pa.Table:
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
     """Write ``table`` as an Arrow stream to ``path`` via a temporary name and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw, pa.ipc.new_stream(raw, table.schema) as writer:
-            writer.write_table(table)
-            writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as raw,
+        pa.ipc.new_stream(raw, table.schema) as writer,
+    ):
+        writer.write_table(table)
 
 
 def write_json_atomic(data: Any, path: Path) -> None:

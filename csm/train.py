@@ -67,7 +67,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from csm.augment import Augment
-from csm.config import atomic_write_text, config_to_dict, load_config, save_config
+from csm.config import atomic_path, atomic_write_text, config_to_dict, load_config, save_config
 from csm.errors import CSMError
 from csm.models import MODELS, ImageClassifier, build_model_from_spec, model_spec
 
@@ -290,9 +290,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _save_weights(model: nn.Module, path: Path) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def _write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -1096,9 +1095,8 @@ def _save_checkpoint(
         "best_epoch": best_epoch,
         "global_step": global_step,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_synthetic(cfg: TrainConfig, real: Any) -> tuple[Any, SyntheticSampler]:
