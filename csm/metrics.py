@@ -467,28 +467,30 @@ def _brier(p: torch.Tensor, y: torch.Tensor) -> float:
     return float((sq - 2 * py + 1).mean())
 
 
+def _top_label_binned(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, float]:
+    """ECE, MCE, OE and UE from one pass of top-label equal-width binning."""
+    p, y = validate_probs(probs, labels)
+    return _binned_errors(*_binned_sums(*_top_label(p, y), n_bins))
+
+
 def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """Top-label expected calibration error with equal-width bins (Guo et al. 2017)."""
-    p, y = validate_probs(probs, labels)
-    return _binned_errors(*_binned_sums(*_top_label(p, y), n_bins))["cal/ECE"]
+    return _top_label_binned(probs, labels, n_bins)["cal/ECE"]
 
 
 def mce(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """Maximum calibration error: largest |accuracy - confidence| over non-empty bins."""
-    p, y = validate_probs(probs, labels)
-    return _binned_errors(*_binned_sums(*_top_label(p, y), n_bins))["cal/MCE"]
+    return _top_label_binned(probs, labels, n_bins)["cal/MCE"]
 
 
 def overconfidence_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """OE = sum_b (n_b/N) conf_b max(conf_b - acc_b, 0) (Thulasidasan et al. 2019)."""
-    p, y = validate_probs(probs, labels)
-    return _binned_errors(*_binned_sums(*_top_label(p, y), n_bins))["cal/OE"]
+    return _top_label_binned(probs, labels, n_bins)["cal/OE"]
 
 
 def underconfidence_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """UE = sum_b (n_b/N) conf_b max(acc_b - conf_b, 0), the mirror image of OE."""
-    p, y = validate_probs(probs, labels)
-    return _binned_errors(*_binned_sums(*_top_label(p, y), n_bins))["cal/UE"]
+    return _top_label_binned(probs, labels, n_bins)["cal/UE"]
 
 
 def _adaptive_ece(conf_asc: torch.Tensor, correct_asc: torch.Tensor, n_bins: int) -> float:
