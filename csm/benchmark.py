@@ -125,6 +125,7 @@ def _parse_options(items: list[str]) -> dict[str, str]:
 
 def train_config_for(cfg: BenchmarkConfig, method: str, seed: int) -> Any:
     """The :class:`csm.train.TrainConfig` of one benchmark run (options layered like the CLI)."""
+    from csm.methods import METHODS
     from csm.train import TrainConfig
 
     overrides: dict[str, Any] = {**_parse_options(cfg.train_options)}
@@ -137,7 +138,9 @@ def train_config_for(cfg: BenchmarkConfig, method: str, seed: int) -> Any:
             )
     overrides.update(
         dataset=cfg.dataset, method=method, seed=seed, data_seed=cfg.data_seed,
-        out=str(run_dir_for(cfg, method, seed)), model=cfg.model, synthetic=cfg.synthetic,
+        out=str(run_dir_for(cfg, method, seed)), model=cfg.model,
+        # only methods that train on synthetic data record it (the others never read it)
+        synthetic=cfg.synthetic if getattr(METHODS[method], "needs_synthetic", False) else None,
     )
     if cfg.epochs is not None:
         overrides["epochs"] = cfg.epochs

@@ -844,8 +844,13 @@ def train(cfg: TrainConfig) -> Path:
     mean, std = _mean_std(real.train.images)
     spec = model_spec(cfg.model, num_classes, c, h, mean, std, **model_options)
     syn = sampler = None
-    if cfg.synthetic is not None:
+    if cfg.synthetic is not None and method.needs_synthetic:
         syn, sampler = _load_synthetic(cfg, real)
+    elif cfg.synthetic is not None:
+        logger.warning(
+            "--synthetic %s: ignored, method %s does not train on synthetic data",
+            cfg.synthetic, cfg.method,
+        )
 
     torch.manual_seed(cfg.seed)
     model = build_model_from_spec(spec).to(device)

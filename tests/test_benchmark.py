@@ -107,6 +107,10 @@ def test_train_config_layers_and_fixed_fields(tmp_path):
     assert Path(t.out) == tmp_path / "runs" / "focal" / "seed2"
     with pytest.raises(CSMError, match="--train-options seed: set by the benchmark"):
         train_config_for(_cfg(tmp_path, train_options=["seed=3"]), "ce", 0)
+    # only methods that train on synthetic data get (and record) --synthetic
+    syn_cfg = _cfg(tmp_path, synthetic=str(tmp_path / "syn"))
+    assert train_config_for(syn_cfg, "ce", 0).synthetic is None
+    assert train_config_for(syn_cfg, "csm", 0).synthetic == str(tmp_path / "syn")
     with pytest.raises(CSMError, match="expected key=value"):
         train_config_for(_cfg(tmp_path, train_options=["lr"]), "ce", 0)
     with pytest.raises(CSMError, match="unknown option 'nope'"):

@@ -231,6 +231,16 @@ def test_csm_batches_use_synthetic_images(tmp_path, synthetic_dir):
     assert info["method_params"]["joint_forward"] is True
 
 
+def test_synthetic_is_ignored_by_methods_that_do_not_use_it(tmp_path, synthetic_dir, caplog):
+    plain = train(tiny(tmp_path / "plain", epochs=1))
+    with caplog.at_level("WARNING"):
+        given = train(tiny(tmp_path / "given", epochs=1, synthetic=str(synthetic_dir)))
+    assert "ignored, method ce does not train on synthetic data" in caplog.text
+    assert json.loads((given / "run.json").read_text())["num_synthetic"] == 0
+    # the synthetic sampler never touches the shared random streams: identical weights
+    assert (plain / "model.safetensors").read_bytes() == (given / "model.safetensors").read_bytes()
+
+
 # ------------------------------------------------------------------------------ run dirs
 def test_run_directory_layout_and_load_run(tmp_path):
     run = train(tiny(tmp_path / "run", epochs=2, select_metric="cls/NLL"))
