@@ -239,7 +239,11 @@ class CSMMixingPipeline(DiffusionPipeline):
                     f"{path}: cannot load as a class-conditional diffusers model ({msg}); "
                     "pass a folder written by `csm fit-diffusion`"
                 ) from exc
-            raise
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CSMError(
+                f"{pretrained_model_name_or_path}: no such folder, and not loadable as a Hub id "
+                f"({msg}); pass a folder written by `csm fit-diffusion` or a cached Hub id"
+            ) from exc
 
     def training_config(self) -> dict | None:
         """The training config recorded by ``csm fit-diffusion`` (``None`` if absent)."""

@@ -169,6 +169,12 @@ def test_cli_generate_and_bad_input(model_dir, tmp_path, capsys):
     )
     assert "model_index.json" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+    missing = str(tmp_path / "no-such-model")
+    args = ["generate", "--model", missing, "--out", str(tmp_path / "y"), "--groups", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: no such folder" in err and "Traceback" not in err
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="accelerate launch multi-process on linux")
