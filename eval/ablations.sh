@@ -4,11 +4,13 @@
 # l2 loss, endpoint + 1 interior image per real one, embedding mixing).
 # Needs the output of `bash eval/full_benchmark.sh digits` (model, syn-lambda, encoder, syn-s4).
 #
-# usage: bash eval/ablations.sh [PARALLEL]     (PARALLEL=2: two variants at a time)
+# usage: bash eval/ablations.sh [PARALLEL [VARIANT ...]]
+#   PARALLEL=2: two variants at a time; VARIANT names (see VARIANTS below) run only those.
 # Writes eval/results/digits-ablations/<variant>/ (one csm benchmark per variant) and
 # eval/results/digits-ablations/ablations.md (python eval/summarize.py).
 set -euo pipefail
 PARALLEL=${1:-1}
+ONLY=("${@:2}")
 WORK=${WORK:-.cache/full}
 SEEDS=${SEEDS:-5}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -54,6 +56,7 @@ run_variant() {
 }
 pids=()
 for v in "${VARIANTS[@]}"; do
+  if [ "${#ONLY[@]}" -gt 0 ] && [[ ! " ${ONLY[*]} " == *" ${v%%|*} "* ]]; then continue; fi
   run_variant "$v" &
   pids+=($!)
   if [ "${#pids[@]}" -ge "$PARALLEL" ]; then

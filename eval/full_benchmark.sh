@@ -21,8 +21,8 @@ case "$DATASET" in
   # digits: 1,293 train images -> 512 groups x 8 = 4,096 synthetic (3.2 per real, as CIFAR-10's
   # 159,840 / 50,000 in the paper); mnist5k: 3,600 train -> 384 x 8 = 3,072 (0.85 per real, what
   # fits the CPU budget at 28 px)
-  digits) DIFF_STEPS=1500; GROUPS=512 ;;
-  mnist5k) DIFF_STEPS=1000; GROUPS=384 ;;
+  digits) DIFF_STEPS=1500; NGROUPS=512 ;;
+  mnist5k) DIFF_STEPS=1000; NGROUPS=384 ;;
   *) echo "full_benchmark.sh: unknown dataset $DATASET; use digits or mnist5k" >&2; exit 2 ;;
 esac
 MODEL=$WORK/cache/diffusion-$DATASET-small-${DIFF_STEPS}steps
@@ -36,7 +36,7 @@ finished() { [ -f "$1/csm_synthetic.json" ] && python -c "import json,sys; sys.e
 [ -f "$MODEL/model_index.json" ] || csm fit-diffusion --dataset "$DATASET" --preset small \
   --steps "$DIFF_STEPS" --seed 0 --num-threads 1 --out "$MODEL" \
   $( [ -d "$MODEL" ] && echo --resume )
-finished "$SYN_LAMBDA" || csm generate --model "$MODEL" --out "$SYN_LAMBDA" --groups "$GROUPS" \
+finished "$SYN_LAMBDA" || csm generate --model "$MODEL" --out "$SYN_LAMBDA" --groups "$NGROUPS" \
   --steps 25 --seed 0 --device cpu $( [ -d "$SYN_LAMBDA" ] && echo --resume )
 [ -f "$ENCODER/model.safetensors" ] || csm train --config "train/$DATASET.yaml" --seed 100 \
   --out "$ENCODER" --overwrite
