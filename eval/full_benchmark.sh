@@ -8,8 +8,9 @@
 #
 # usage: bash eval/full_benchmark.sh digits|mnist5k [PARALLEL]
 #   WORK (default .cache/full) holds models, synthetic data and the encoder;
-#   PARALLEL=2 trains the runs in two processes (disjoint method lists; each skips finished
-#   runs), then the final `csm benchmark` call below reuses every run and evaluates them all.
+#   PARALLEL=2 trains the runs in two worker processes sharing a queue of methods (one of them
+#   starts on the methods that need no synthetic data while the other builds it), then the final
+#   `csm benchmark` call below reuses every run and evaluates them all.
 # Every step skips work that is already complete, so the script is resumable.
 set -euo pipefail
 DATASET=${1:?usage: bash eval/full_benchmark.sh digits|mnist5k [PARALLEL]}
@@ -33,28 +34,50 @@ OUT=eval/results/$DATASET-5seeds
 
 finished() { [ -f "$1/csm_synthetic.json" ] && python -c "import json,sys; sys.exit(0 if json.load(open('$1/csm_synthetic.json')).get('finalized') else 1)"; }
 
-[ -f "$MODEL/model_index.json" ] || csm fit-diffusion --dataset "$DATASET" --preset small \
-  --steps "$DIFF_STEPS" --seed 0 --num-threads 1 --out "$MODEL" \
-  $( [ -d "$MODEL" ] && echo --resume )
-finished "$SYN_LAMBDA" || csm generate --model "$MODEL" --out "$SYN_LAMBDA" --groups "$NGROUPS" \
-  --steps 25 --seed 0 --device cpu $( [ -d "$SYN_LAMBDA" ] && echo --resume )
-[ -f "$ENCODER/model.safetensors" ] || csm train --config "train/$DATASET.yaml" --seed 100 \
-  --out "$ENCODER" --overwrite
-if [ ! -f "$SYN/annotation_report.json" ]; then
-  rm -rf "$SYN" && cp -r "$SYN_LAMBDA" "$SYN"
-  csm annotate "$SYN" --real "$DATASET" --encoder "classifier:$ENCODER" --squash 4 --device cpu
-fi
+build_synthetic() {
+  [ -f "$MODEL/model_index.json" ] || csm fit-diffusion --dataset "$DATASET" --preset small \
+    --steps "$DIFF_STEPS" --seed 0 --num-threads 1 --out "$MODEL" \
+    $( [ -d "$MODEL" ] && echo --resume )
+  finished "$SYN_LAMBDA" || csm generate --model "$MODEL" --out "$SYN_LAMBDA" --groups "$NGROUPS" \
+    --steps 25 --seed 0 --device cpu $( [ -d "$SYN_LAMBDA" ] && echo --resume )
+  [ -f "$ENCODER/model.safetensors" ] || csm train --config "train/$DATASET.yaml" --seed 100 \
+    --out "$ENCODER" --overwrite
+  if [ ! -f "$SYN/annotation_report.json" ]; then
+    rm -rf "$SYN" && cp -r "$SYN_LAMBDA" "$SYN"
+    csm annotate "$SYN" --real "$DATASET" --encoder "classifier:$ENCODER" --squash 4 --device cpu
+  fi
+}
 
-BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --synthetic "$SYN"
-       --train-config "train/$DATASET.yaml" --out "$OUT")
+BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --train-config "train/$DATASET.yaml" --out "$OUT")
 if [ "$PARALLEL" -gt 1 ]; then
-  # two trainers, disjoint halves of the method list (csm, the slowest, with the lighter half)
-  A="ce ls brier focal flsd53 dual_focal bsce_gra mmce mbls"
-  B="crl mixup regmixup rankmixup clue refcal csm"
-  csm benchmark "${BENCH[@]}" --methods $A --calibrators ts --corruptions none --plots false &
-  pa=$!
-  csm benchmark "${BENCH[@]}" --methods $B --calibrators ts --corruptions none --plots false &
-  pb=$!
-  wait "$pa"; wait "$pb"  # set -e: either failing stops the script
+  # Two workers share one queue of methods (a method is claimed with an atomic mkdir, so each is
+  # trained by exactly one worker). Worker 2 starts at once with the methods that never read
+  # synthetic data; worker 1 first builds the synthetic dataset (the diffusion fit uses one core),
+  # then trains csm and joins the queue. Finished runs are skipped, so a rerun resumes.
+  SYN_METHODS=$(python -c "from csm.methods import METHODS; print(' '.join(m for m, c in METHODS.items() if getattr(c, 'needs_synthetic', False)))")
+  PLAIN_METHODS=$(python -c "from csm.methods import METHODS; print(' '.join(m for m, c in METHODS.items() if not getattr(c, 'needs_synthetic', False)))")
+  CLAIMS=$(mktemp -d)
+  trap 'rm -rf "$CLAIMS"' EXIT
+  train_queue() {  # train_queue METHOD...: claim each unclaimed method in turn and train its seeds
+    local m syn
+    for m in "$@"; do
+      mkdir "$CLAIMS/$m" 2>/dev/null || continue
+      syn=(); case " $SYN_METHODS " in *" $m "*) syn=(--synthetic "$SYN") ;; esac
+      csm benchmark "${BENCH[@]}" "${syn[@]}" --methods "$m" --calibrators ts --corruptions none \
+        --plots false
+    done
+  }
+  ( build_synthetic; train_queue $SYN_METHODS $PLAIN_METHODS ) &
+  p1=$!
+  train_queue $PLAIN_METHODS &
+  p2=$!
+  wait "$p1"; wait "$p2"  # set -e: either failing stops the script
+else
+  build_synthetic
 fi
-time csm benchmark "${BENCH[@]}" --methods all
+# the generator's samples, the annotation curve and the dataset card travel with the results
+mkdir -p "$OUT/annotation"
+cp "$SYN/annotation_report.json" "$SYN/annotation_report.png" "$OUT/annotation/"
+cp "$SYN/README.md" "$OUT/annotation/dataset_card.md"
+cp "$MODEL/samples.png" "$OUT/annotation/diffusion_samples.png"
+time csm benchmark "${BENCH[@]}" --synthetic "$SYN" --methods all
