@@ -48,7 +48,10 @@ build_synthetic() {
   fi
 }
 
-BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --train-config "train/$DATASET.yaml" --out "$OUT")
+# --synthetic reaches only the methods that train on it (csm benchmark drops it for the others,
+# so they can start before the synthetic dataset exists)
+BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --synthetic "$SYN"
+       --train-config "train/$DATASET.yaml" --out "$OUT")
 if [ "$PARALLEL" -gt 1 ]; then
   # Two workers share one queue of methods (a method is claimed with an atomic mkdir, so each is
   # trained by exactly one worker). Worker 2 starts at once with the methods that never read
@@ -60,12 +63,10 @@ print(' '.join(m for m in METHODS if m in syn)); print(' '.join(m for m in METHO
   CLAIMS=$(mktemp -d)
   trap 'rm -rf "$CLAIMS"' EXIT
   train_queue() {  # train_queue METHOD...: claim each unclaimed method in turn and train its seeds
-    local m syn
+    local m
     for m in "$@"; do
       mkdir "$CLAIMS/$m" 2>/dev/null || continue
-      syn=(); case " $SYN_METHODS " in *" $m "*) syn=(--synthetic "$SYN") ;; esac
-      csm benchmark "${BENCH[@]}" "${syn[@]}" --methods "$m" --calibrators ts --corruptions none \
-        --plots false
+      csm benchmark "${BENCH[@]}" --methods "$m" --calibrators ts --corruptions none --plots false
     done
   }
   ( build_synthetic; train_queue $SYN_METHODS $PLAIN_METHODS ) &
@@ -81,4 +82,4 @@ mkdir -p "$OUT/annotation"
 cp "$SYN/annotation_report.json" "$SYN/annotation_report.png" "$OUT/annotation/"
 cp "$SYN/README.md" "$OUT/annotation/dataset_card.md"
 cp "$MODEL/samples.png" "$OUT/annotation/diffusion_samples.png"
-time csm benchmark "${BENCH[@]}" --synthetic "$SYN" --methods all
+time csm benchmark "${BENCH[@]}" --methods all
