@@ -6,7 +6,8 @@ scans file names quadratically). Both sides run in this one process on the same 
 
 - ``plain``: the images, already decoded into one uint8 tensor in memory, go through
   ``encoder.encode`` in batches (preprocessing + forward), nothing else.
-- ``annotate``: :func:`csm.annotate.annotate_dataset` end to end on the synthetic dataset folder:
+- ``annotate``: :func:`csm.annotation.annotate.annotate_dataset` end to end on the synthetic dataset
+folder:
   read the Arrow shards, decode the PNGs, encode, project, squash, write the new shards
   atomically, rewrite the card and metadata (report PNG off; timed separately). Prototypes are
   cached beforehand (they are computed once per encoder and dataset; their cost is reported).
@@ -42,10 +43,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from csm.annotate import annotate_dataset, class_prototypes  # noqa: E402
-from csm.data import load_real  # noqa: E402
-from csm.encoders import load_encoder  # noqa: E402
-from csm.synthetic import SyntheticWriter, load_synthetic_tensors  # noqa: E402
+from csm.annotation.annotate import annotate_dataset, class_prototypes  # noqa: E402
+from csm.annotation.encoders import load_encoder  # noqa: E402
+from csm.data.real import load_real  # noqa: E402
+from csm.synthetic.dataset import SyntheticWriter, load_synthetic_tensors  # noqa: E402
 
 
 def make_dataset(out: Path, real, num_images: int, group_size: int = 8) -> None:
@@ -56,7 +57,7 @@ def make_dataset(out: Path, real, num_images: int, group_size: int = 8) -> None:
     imgs, labels = real.train.images, real.train.labels
     by_class = [imgs[labels == k] for k in range(len(names))]
     lam = torch.linspace(0, 1, group_size, dtype=torch.float64)
-    from csm.mixing import group_plan
+    from csm.generation.mixing import group_plan
 
     for i in w.pending_shards():
         plans = [group_plan(g, len(names), 0, group_size) for g in w.shard_groups(i)]
@@ -105,8 +106,8 @@ def build_classifier(path: Path, names: list[str]) -> str:
     from safetensors.torch import save_file
 
     from csm.config import save_config
-    from csm.models import build_model_from_spec, model_spec
-    from csm.train import TrainConfig
+    from csm.training.config import TrainConfig
+    from csm.training.models import build_model_from_spec, model_spec
 
     torch.manual_seed(0)
     spec = model_spec("cnn", len(names), 1, 16, [0.5], [0.25])

@@ -37,9 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from csm.fit_diffusion import PRESETS, image_grid, save_png  # noqa: E402
-from csm.mixing import lambdas  # noqa: E402
-from csm.pipeline import SCHEDULERS, CSMMixingPipeline, build_unet  # noqa: E402
+from csm.generation.fit import PRESETS, image_grid, save_png  # noqa: E402
+from csm.generation.mixing import lambdas  # noqa: E402
+from csm.generation.pipeline import SCHEDULERS, CSMMixingPipeline, build_unet  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -108,7 +108,7 @@ def bench_quality(
 ) -> dict:
     from sklearn.linear_model import LogisticRegression
 
-    from csm.data import load_real
+    from csm.data.real import load_real
 
     h = pipe.unet.config.sample_size
     data = load_real(dataset, image_size=h)

@@ -1,11 +1,11 @@
-"""Benchmark: the whole ``csm.metrics`` suite against torchmetrics' top-label ECE alone.
+"""Benchmark: the whole ``csm.calibration.metrics`` suite against torchmetrics' top-label ECE alone.
 
-Goal (issue 6): ``csm.metrics.compute_all`` on 1,000,000 x 100 logits, in one call, costs
-<= 2x ``torchmetrics.functional.classification.multiclass_calibration_error`` (15 bins, l1) on the
-same logits. Both run in this one process on the same float32 logits tensor (400 MB), alternating,
-``--repeats`` times; the minimum of each is kept (the machine is shared, the minimum is the least
-disturbed run). torchmetrics is called exactly as a user would: logits in (it checks the range and
-applies the softmax itself), default argument validation.
+Goal (issue 6): ``csm.calibration.metrics.compute_all`` on 1,000,000 x 100 logits, in one call,
+costs <= 2x ``torchmetrics.functional.classification.multiclass_calibration_error`` (15 bins, l1) on
+the same logits. Both run in this one process on the same float32 logits tensor (400 MB),
+alternating, ``--repeats`` times; the minimum of each is kept (the machine is shared, the minimum is
+the least disturbed run). torchmetrics is called exactly as a user would: logits in (it checks the
+range and applies the softmax itself), default argument validation.
 
 Besides the headline ratio the JSON records what each part of the suite costs on the same
 probabilities (softmax once, then each public metric function without re-validation where the
@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from csm import metrics as M  # noqa: E402
+from csm.calibration import metrics as M  # noqa: E402
 
 
 def _rss_mb() -> float:

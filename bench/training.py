@@ -1,10 +1,10 @@
 """Training throughput of every method relative to cross-entropy (same model, same batch).
 
-Times the trainer's own step (:func:`csm.train.training_step`) with the trainer's augmentation
-(:class:`csm.augment.Augment`) and, for ``csm``, the trainer's CSM batch sampler
-(:class:`csm.train.SyntheticSampler`), on random tensors, in ONE process, interleaving methods
-round-robin so machine load hits them alike; the median over rounds is reported. On the CPU the
-clock is this process's CPU time (robust to other processes on a shared machine); on CUDA it is
+Times the trainer's own step (:func:`csm.training.trainer.training_step`) with the trainer's
+augmentation (:class:`csm.data.augment.Augment`) and, for ``csm``, the trainer's CSM batch sampler
+(:class:`csm.training.sampler.SyntheticSampler`), on random tensors, in ONE process, interleaving
+methods round-robin so machine load hits them alike; the median over rounds is reported. On the CPU
+the clock is this process's CPU time (robust to other processes on a shared machine); on CUDA it is
 synchronised wall time.
 
 Two figures per method:
@@ -43,11 +43,13 @@ from pathlib import Path
 
 import torch
 
-from csm.augment import Augment
 from csm.config import resolve_config
-from csm.methods import METHODS, Batch, StepState, build_method
-from csm.models import build_model
-from csm.train import SyntheticSampler, TrainConfig, _make_optimizer, training_step
+from csm.data.augment import Augment
+from csm.training.config import TrainConfig
+from csm.training.methods import METHODS, Batch, StepState, build_method
+from csm.training.models import build_model
+from csm.training.sampler import SyntheticSampler
+from csm.training.trainer import make_optimizer, training_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,7 +115,7 @@ class _Runner:
         self.method = build_method(name, {})
         self.params = list(dict.fromkeys(self.method.stage_parameters(self.model, stage)))
         cfg = resolve_config(TrainConfig, overrides={"lr": 0.01})
-        self.optimizer = _make_optimizer(cfg, self.params)
+        self.optimizer = make_optimizer(cfg, self.params)
         self.augment = Augment(padding=4, hflip=True)
         self.g = torch.Generator().manual_seed(1)
         self.step_i = 0

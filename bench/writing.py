@@ -1,7 +1,7 @@
 """Benchmark: cost of the synthetic dataset writer and reader against plain ``datasets``.
 
-The csm writer (:class:`csm.synthetic.SyntheticWriter`) adds, on top of what the standard Hugging
-Face route (``Dataset.from_dict(..., features).save_to_disk(dir)``) does: fixed group-range
+The csm writer (:class:`csm.synthetic.dataset.SyntheticWriter`) adds, on top of what the standard
+Hugging Face route (``Dataset.from_dict(..., features).save_to_disk(dir)``) does: fixed group-range
 shards, an atomic rename per shard, a sha256 record per shard, the manifest, the dataset card and
 ``dataset_info.json``. This measures what that bookkeeping costs, in one process, on the same rows
 (digit pairs blended in pixel space, 16 px, G = 8; the generator's cost is not included):
@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from annotation import make_dataset  # noqa: E402
 
-from csm.data import load_real  # noqa: E402
-from csm.synthetic import (  # noqa: E402
+from csm.data.real import load_real  # noqa: E402
+from csm.synthetic.dataset import (  # noqa: E402
     SyntheticWriter,
     load_synthetic_tensors,
     soft_targets,
@@ -92,8 +92,15 @@ def csm_write(out: Path, rows: dict[str, np.ndarray], names: list[str], per_shar
     for i in w.pending_shards():
         rng = w.shard_groups(i)
         sl = slice(rng.start * g, rng.stop * g)
-        w.write_shard(i, rows["images"][sl], rows["class_a"][sl], rows["class_b"][sl],
-                      rows["lam"][sl], rows["group_id"][sl], rows["seed"][sl])
+        w.write_shard(
+            i,
+            rows["images"][sl],
+            rows["class_a"][sl],
+            rows["class_b"][sl],
+            rows["lam"][sl],
+            rows["group_id"][sl],
+            rows["seed"][sl],
+        )
     w.finalize()
 
 
@@ -112,19 +119,34 @@ def main() -> None:
         tmp = Path(tmp)
         make_dataset(tmp / "src", real, args.num_images)  # the rows, made once
         t = load_synthetic_tensors(tmp / "src")
-        rows = {"images": t.images.numpy(), "class_a": t.class_a.numpy(),
-                "class_b": t.class_b.numpy(), "lam": t.lam.numpy(),
-                "group_id": t.group_id.numpy(), "seed": np.arange(len(t.lam), dtype=np.int64)}
+        rows = {
+            "images": t.images.numpy(),
+            "class_a": t.class_a.numpy(),
+            "class_b": t.class_b.numpy(),
+            "lam": t.lam.numpy(),
+            "group_id": t.group_id.numpy(),
+            "seed": np.arange(len(t.lam), dtype=np.int64),
+        }
         n = len(rows["lam"])
-        times: dict[str, list[float]] = {k: [] for k in
-                                         ("csm_write", "hf_write", "verify", "csm_read", "hf_read")}
+        times: dict[str, list[float]] = {
+            k: [] for k in ("csm_write", "hf_write", "verify", "csm_read", "hf_read")
+        }
         for r in range(args.repeats):
             a, b = tmp / f"csm{r}", tmp / f"hf{r}"
             times["csm_write"].append(timed(csm_write, a, rows, names, args.groups_per_shard)[0])
             times["hf_write"].append(timed(baseline_write, b, rows, names)[0])
-            times["verify"].append(timed(  # what `--resume` runs before writing anything
-                lambda a=a: SyntheticWriter(a, names, {"group_size": 8, "dataset": "digits"},
-                                            args.groups_per_shard, n // 8, resume=True))[0])
+            times["verify"].append(
+                timed(  # what `--resume` runs before writing anything
+                    lambda a=a: SyntheticWriter(
+                        a,
+                        names,
+                        {"group_size": 8, "dataset": "digits"},
+                        args.groups_per_shard,
+                        n // 8,
+                        resume=True,
+                    )
+                )[0]
+            )
             t_csm, csm_pixels = timed(lambda a=a: load_synthetic_tensors(a).images.numpy())
             t_hf, hf_pixels = timed(baseline_read, b)
             times["csm_read"].append(t_csm)

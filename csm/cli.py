@@ -47,56 +47,56 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "data info": Command(
         "describe a dataset: classes, split sizes, image shape and class balance",
-        "csm.data:DataInfoConfig",
-        "csm.data:data_info",
+        "csm.data.real:DataInfoConfig",
+        "csm.data.real:data_info",
         positional=("spec",),
     ),
     "fit-diffusion": Command(
         "train a class-conditional diffusion model (UNet, CFG null class, EMA) on a dataset",
-        "csm.fit_diffusion:FitDiffusionConfig",
-        "csm.fit_diffusion:fit_diffusion",
+        "csm.generation.fit:FitDiffusionConfig",
+        "csm.generation.fit:fit_diffusion",
     ),
     "generate": Command(
         "sample class-mixed groups into a resumable synthetic dataset (accelerate launch splits "
         "shards across processes)",
-        "csm.generate:GenerateConfig",
-        "csm.generate:generate",
+        "csm.generation.generate:GenerateConfig",
+        "csm.generation.generate:generate",
     ),
     "annotate": Command(
         "calibrated reannotation of a synthetic dataset (prototype projection + squash, or judge)",
-        "csm.annotate:AnnotateConfig",
-        "csm.annotate:annotate",
+        "csm.annotation.annotate:AnnotateConfig",
+        "csm.annotation.annotate:annotate",
         positional=("dataset",),
     ),
     "train": Command(
         "train a classifier with CSM or any competing calibration method (accelerate launch "
         "runs it on several processes or GPUs)",
-        "csm.train:TrainConfig",
-        "csm.train:train_command",
+        "csm.training.config:TrainConfig",
+        "csm.training.trainer:train_command",
     ),
     "push": Command(
         "push a synthetic dataset and its card to the Hugging Face Hub",
-        "csm.hub:PushConfig",
-        "csm.hub:push",
+        "csm.synthetic.hub:PushConfig",
+        "csm.synthetic.hub:push",
         positional=("dataset",),
     ),
     "evaluate": Command(
         "score runs with every calibration metric and post-hoc calibrator, clean, under "
         "corruption shift and OOD; write results.csv, leaderboard.md and plots",
-        "csm.evaluate:EvaluateConfig",
-        "csm.evaluate:evaluate",
+        "csm.evaluation.evaluate:EvaluateConfig",
+        "csm.evaluation.evaluate:evaluate",
         positional=("runs",),
     ),
     "benchmark": Command(
         "train every method for several seeds and evaluate them all (resumable)",
-        "csm.benchmark:BenchmarkConfig",
-        "csm.benchmark:benchmark",
+        "csm.workflows.benchmark:BenchmarkConfig",
+        "csm.workflows.benchmark:benchmark",
     ),
     "demo": Command(
         "the whole pipeline on an embedded dataset in minutes: fit, generate, annotate, train, "
         "evaluate, report (resumable)",
-        "csm.demo:DemoConfig",
-        "csm.demo:demo",
+        "csm.workflows.demo:DemoConfig",
+        "csm.workflows.demo:demo",
     ),
 }
 

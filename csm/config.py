@@ -23,19 +23,17 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import tempfile
 import types
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from csm.errors import CSMError
+from csm.utils import atomic_write_text
 
 T = TypeVar("T")
 
@@ -175,38 +173,6 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path`` atomically.
-
-    The temporary name keeps ``path``'s suffix (so writers that infer the format from it, such as
-    matplotlib or PIL, still work). On any error the temporary file is removed and ``path`` is left
-    as it was, so readers never see a half-written file.
-
-    Example:
-        >>> with atomic_path(out / "model.safetensors") as tmp:  # doctest: +SKIP
-        ...     save_file(state, str(tmp))
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and an atomic rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def save_config(cfg: Any, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:

@@ -57,7 +57,7 @@ if [ "$PARALLEL" -gt 1 ]; then
   # trained by exactly one worker). Worker 2 starts at once with the methods that never read
   # synthetic data; worker 1 first builds the synthetic dataset (the diffusion fit uses one core),
   # then trains csm and joins the queue. Finished runs are skipped, so a rerun resumes.
-  { read -r SYN_METHODS; read -r PLAIN_METHODS; } < <(python -c "from csm.methods import METHODS
+  { read -r SYN_METHODS; read -r PLAIN_METHODS; } < <(python -c "from csm.training.methods import METHODS
 syn = {m for m, c in METHODS.items() if getattr(c, 'needs_synthetic', False)}
 print(' '.join(m for m in METHODS if m in syn)); print(' '.join(m for m in METHODS if m not in syn))")
   CLAIMS=$(mktemp -d)

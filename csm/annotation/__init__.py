@@ -1,0 +1,2 @@
+"""Calibrated reannotation of synthetic images: image encoders (``encoders``) and the annotator
+(``annotate``)."""

@@ -1,0 +1,930 @@
+"""Calibration, selective-classification and OOD metrics on concatenated predictions.
+
+Every metric is computed once on the whole evaluation set (never as an average of per-batch
+values), in torch, vectorised. :func:`compute_all` takes logits, computes the softmax once and
+returns every metric under torch-uncertainty-style names; :func:`compute_all_probs` does the same
+for probabilities (the output of a post-hoc calibrator). Each metric is also a function of
+``probs`` (N, K) and integer ``labels`` (N,).
+
+Conventions (stated once, used everywhere):
+
+* Values are **fractions**, not percent.
+* Notation: ``p = softmax(z)``, prediction ``argmax p`` (first index among exact ties, as
+  :meth:`torch.Tensor.max`), confidence ``c = max p``, correctness ``a = 1[pred == y]``.
+* **Binning** (ECE, MCE, OE, UE, classwise ECE, reliability diagrams): ``n_bins`` (default 15)
+  equal-width bins with edges ``torch.linspace(0, 1, n_bins + 1)`` in the input's dtype. Bins are
+  left-closed, right-open, ``[e_b, e_{b+1})``, except the last, which is closed, ``[e_{B-1}, 1]``:
+  a confidence of exactly 1.0 lands in the last bin. This matches torchmetrics'
+  ``multiclass_calibration_error`` for every confidence below 1.0; torchmetrics puts c == 1.0
+  into an extra bin of its own (``bucketize(right=True) - 1`` on all ``n_bins + 1`` edges), which
+  changes its ECE/MCE whenever some confidence is exactly 1.0 (a saturated float32 softmax) and
+  the last bin also holds samples with the opposite calibration gap.
+* **AdaECE**: the confidences sorted (descending, stable, then reversed) are split into ``n_bins``
+  chunks whose sizes differ by at most one (``bin = floor(rank * B / N)``); no sample is dropped and
+  with fewer samples than bins each sample is its own bin. Samples tied at a chunk boundary are
+  split by that order.
+* **NLL** from logits is ``logsumexp(z) - z_y`` (exact, no clamping needed); from probabilities
+  it is ``-log(max(p_y, 1e-12))`` (calibrators such as histogram binning output exact zeros).
+* **Brier** sums over classes: ``mean_i sum_k (p_ik - 1[y_i = k])^2`` (range [0, 2]).
+* Misclassification **AUROC** (``sc/AUROC``): positives are correct predictions, score ``c``, ties
+  get averaged ranks (Mann-Whitney), as scikit-learn's ``roc_auc_score``.
+* **AURC** (Geifman et al. 2019): samples sorted by ``c`` descending (stable among ties); the mean
+  over coverages ``i/N``, ``i = 1..N``, of the selective risk (error rate of the ``i`` most
+  confident). **E-AURC** subtracts the AURC of the oracle ordering (all correct first) computed on
+  the same discrete grid. **Risk@80** is the selective risk of the ``ceil(0.8 N)`` most confident.
+* **OvO AUROC** (``cls/OvO-AUROC``): Hand & Till's one-vs-one macro average as scikit-learn's
+  ``roc_auc_score(multi_class="ovo")``: for every pair of classes present in ``labels``,
+  ``(AUC(a|b) + AUC(b|a)) / 2`` with ``AUC(a|b)`` ranking class-a against class-b samples by
+  ``p_a``; the mean over pairs. Classes absent from ``labels`` are skipped.
+* **OOD AUROC** (``ood/AUROC``): in-distribution samples are positives, OOD negatives, score is the
+  maximum softmax probability (Hendrycks & Gimpel 2017), ties averaged.
+
+Undefined values (an AUROC with only one kind of sample, OvO with fewer than two classes) are NaN,
+logged as a warning, never an exception.
+
+Cost: everything except ``cls/OvO-AUROC`` is a few passes over the (N, K) matrix (one chunked,
+cache-friendly row pass) plus one sort of the N confidences. The exact OvO AUROC needs, for every
+class column, the rank of every sample among that class's samples: O(N K log(N/K)) comparisons,
+which dominates on large K (about 10x the rest at 1,000,000 x 100). ``compute_all(...,
+exclude={"cls/OvO-AUROC"})`` skips it.
+
+References:
+    Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (ECE, MCE).
+    Mukhoti et al., "Calibrating Deep Neural Networks using Focal Loss", NeurIPS 2020 (AdaECE).
+    Kull et al., "Beyond temperature scaling", NeurIPS 2019 (classwise ECE).
+    Thulasidasan et al., "On Mixup Training", NeurIPS 2019 (over-confidence error).
+    Błasiok & Nakkiran, "Smooth ECE: Principled Reliability Diagrams via Kernel Smoothing",
+    ICLR 2024 (smECE).
+    Gupta et al., "Calibration of Neural Networks using Splines", ICLR 2021 (KS error).
+    Geifman et al., "Bias-Reduced Uncertainty Estimation for Deep Neural Classifiers", ICLR 2019
+    (AURC, E-AURC).
+    Hand & Till, "A Simple Generalisation of the Area Under the ROC Curve for Multiple Class
+    Classification Problems", Machine Learning 2001 (OvO AUROC).
+    Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution Examples
+    in Neural Networks", ICLR 2017 (max-softmax OOD score).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from csm.errors import CSMError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METRIC_INFO",
+    "METRIC_NAMES",
+    "MetricInfo",
+    "higher_is_better",
+    "ReliabilityBins",
+    "accuracy",
+    "adaptive_ece",
+    "aurc",
+    "bin_indices",
+    "brier",
+    "classwise_ece",
+    "compute_all",
+    "compute_all_probs",
+    "e_aurc",
+    "ece",
+    "ks_error",
+    "mce",
+    "misclassification_auroc",
+    "nll",
+    "ood_auroc",
+    "ovo_auroc",
+    "overconfidence_error",
+    "reliability_bins",
+    "risk_at_coverage",
+    "selective_metrics",
+    "smooth_ece",
+    "underconfidence_error",
+    "validate_logits",
+    "validate_probs",
+]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric is: its short label, which direction is better, whether shown as %."""
+
+    label: str
+    higher_is_better: bool
+    percent: bool
+
+
+METRIC_INFO: dict[str, MetricInfo] = {
+    "cls/Acc": MetricInfo("Acc", True, True),
+    "cls/NLL": MetricInfo("NLL", False, False),
+    "cls/Brier": MetricInfo("Brier", False, False),
+    "cal/ECE": MetricInfo("ECE", False, True),
+    "cal/AdaECE": MetricInfo("AdaECE", False, True),
+    "cal/ClasswiseECE": MetricInfo("cw-ECE", False, True),
+    "cal/MCE": MetricInfo("MCE", False, True),
+    "cal/OE": MetricInfo("OE", False, True),
+    "cal/UE": MetricInfo("UE", False, True),
+    "cal/smECE": MetricInfo("smECE", False, True),
+    "cal/KS": MetricInfo("KS", False, True),
+    "sc/AUROC": MetricInfo("mis-AUROC", True, True),
+    "sc/AURC": MetricInfo("AURC", False, True),
+    "sc/E-AURC": MetricInfo("E-AURC", False, True),
+    "sc/Risk@80": MetricInfo("Risk@80", False, True),
+    "cls/OvO-AUROC": MetricInfo("OvO-AUROC", True, True),
+    "ood/AUROC": MetricInfo("OOD-AUROC", True, True),
+}
+"""The one table of metrics: every key :func:`compute_all` returns, in report order, with its
+direction (used by model selection and the leaderboard alike) and presentation."""
+
+METRIC_NAMES: tuple[str, ...] = tuple(METRIC_INFO)
+"""Every key :func:`compute_all` returns (``ood/AUROC`` only when OOD logits are given)."""
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether larger values of ``metric`` (a :data:`METRIC_NAMES` key) are better.
+
+    Raises:
+        CSMError: ``metric`` is not a known metric.
+    """
+    if metric not in METRIC_INFO:
+        raise CSMError(f"metric {metric!r}: unknown; use one of {', '.join(METRIC_INFO)}")
+    return METRIC_INFO[metric].higher_is_better
+
+
+_NLL_FLOOR = 1e-12
+_PROB_TOL = 1e-3
+_CHUNK_ELEMS = 1 << 22
+_ROW_CHUNK_ELEMS = 1 << 18
+
+
+# --------------------------------------------------------------------------------------------
+# input validation
+# --------------------------------------------------------------------------------------------
+def _as_float_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    if t.dim() != 2:
+        raise CSMError(
+            f"{name}: expected a 2-D (N, K) tensor, got shape {tuple(t.shape)}; "
+            "pass one row per sample and one column per class"
+        )
+    if t.shape[0] == 0:
+        raise CSMError(f"{name}: empty input (0 samples); evaluate on a non-empty split")
+    if t.shape[1] < 2:
+        raise CSMError(f"{name}: {t.shape[1]} class column(s); at least 2 classes are needed")
+    t = t.detach().cpu()  # metrics run on CPU; no autograd graph
+    if not t.is_floating_point() or t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.contiguous()
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    # fast path: one reduction; a non-finite row sum means NaN/inf somewhere (or overflow)
+    if bool(torch.isfinite(t.sum(dim=1)).all()):
+        return
+    bad = ~torch.isfinite(t)
+    n_bad = int(bad.sum())
+    if n_bad == 0:  # finite values whose sum overflowed
+        return
+    rows = torch.nonzero(bad.any(dim=1)).flatten()
+    first = bad[rows[0]].nonzero().flatten()[0].item()
+    n_nan = int(torch.isnan(t).sum())
+    shown = ", ".join(str(r) for r in rows[:5].tolist())
+    more = f" (+{rows.numel() - 5} more)" if rows.numel() > 5 else ""
+    raise CSMError(
+        f"{name}: {n_bad} non-finite value(s) ({n_nan} NaN, {n_bad - n_nan} inf) in "
+        f"{rows.numel()} of {t.shape[0]} rows, rows {shown}{more} (first at row {rows[0].item()}, "
+        f"column {first}); fix or drop those samples (a diverged model or corrupted cache)"
+    )
+
+
+def _check_labels(labels: torch.Tensor | np.ndarray, n: int, k: int, name: str) -> torch.Tensor:
+    y = torch.as_tensor(labels)
+    if y.dim() != 1 or y.shape[0] != n:
+        raise CSMError(
+            f"{name}: expected shape ({n},) to match the predictions, got {tuple(y.shape)}; "
+            "pass one integer class index per sample"
+        )
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise CSMError(f"{name}: dtype {y.dtype} is not an integer type; pass class indices")
+    y = y.detach().cpu().long()
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= k:
+        n_out = int(((y < 0) | (y >= k)).sum())
+        raise CSMError(
+            f"{name}: {n_out} value(s) outside the class range [0, {k - 1}] (found min {lo}, "
+            f"max {hi}); labels must index the {k} prediction columns (same class set as the model)"
+        )
+    return y
+
+
+def validate_logits(
+    logits: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | None = None,
+    *,
+    name: str = "logits",
+    labels_name: str = "labels",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validates logits (and labels) and returns them as float / int64 tensors.
+
+    Args:
+        logits: (N, K) logits, K >= 2, N >= 1, all finite.
+        labels: optional (N,) integer class indices in ``[0, K)``.
+        name: how the logits are named in error messages.
+        labels_name: how the labels are named in error messages.
+
+    Returns:
+        ``(logits, labels)``; float16/bfloat16/integer logits are converted to float32.
+
+    Raises:
+        CSMError: empty input, wrong shape, NaN/inf values (with their count and rows), labels
+            outside the class range.
+    """
+    z = _as_float_matrix(logits, name)
+    _check_finite(z, name)
+    y = None if labels is None else _check_labels(labels, z.shape[0], z.shape[1], labels_name)
+    return z, y
+
+
+def validate_probs(
+    probs: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray | None = None,
+    *,
+    name: str = "probs",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validates class probabilities: finite, in [0, 1], rows summing to 1 (tolerance 1e-3).
+
+    Raises:
+        CSMError: as :func:`validate_logits`, plus values outside [0, 1] or rows not summing to 1.
+    """
+    p = _as_float_matrix(probs, name)
+    _check_finite(p, name)
+    if bool((p < 0).any()) or bool((p > 1).any()):
+        raise CSMError(
+            f"{name}: values outside [0, 1]; pass probabilities (use compute_all for logits)"
+        )
+    dev = (p.sum(dim=1, dtype=torch.float64) - 1).abs()
+    if bool((dev > _PROB_TOL).any()):
+        row = int(dev.argmax())
+        raise CSMError(
+            f"{name}: {int((dev > _PROB_TOL).sum())} row(s) do not sum to 1 (row {row} sums to "
+            f"{1 + float(dev[row]):.4f}); pass softmax probabilities, not logits or scores"
+        )
+    y = None if labels is None else _check_labels(labels, p.shape[0], p.shape[1], "labels")
+    return p, y
+
+
+def _check_n_bins(n_bins: int) -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise CSMError(f"n_bins: {n_bins!r} is not a positive integer; use e.g. 15")
+    return n_bins
+
+
+# --------------------------------------------------------------------------------------------
+# shared building blocks
+# --------------------------------------------------------------------------------------------
+def bin_indices(values: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """Equal-width bin index of every value in [0, 1] (the module's one binning convention).
+
+    Bins ``[e_b, e_{b+1})`` with ``e = linspace(0, 1, n_bins + 1)`` in ``values.dtype``; the last
+    bin is closed so 1.0 maps to ``n_bins - 1``.
+
+    Args:
+        values: any-shape float tensor of values in [0, 1].
+        n_bins: number of bins.
+
+    Returns:
+        int64 tensor of the same shape with entries in ``[0, n_bins)``.
+    """
+    edges = torch.linspace(0, 1, _check_n_bins(n_bins) + 1, dtype=values.dtype)
+    return torch.bucketize(values, edges[1:-1], right=True)
+
+
+def _top_label(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    conf, pred = probs.max(dim=1)
+    return conf, (pred == labels)
+
+
+def _binned_sums(
+    conf: torch.Tensor, correct: torch.Tensor, n_bins: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    idx = bin_indices(conf, n_bins)
+    count = torch.bincount(idx, minlength=n_bins).double()
+    sconf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf.double())
+    sacc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct.double())
+    return count, sconf, sacc
+
+
+def _binned_errors(count: torch.Tensor, sconf: torch.Tensor, sacc: torch.Tensor) -> dict:
+    n = count.sum()
+    nz = count > 0
+    mconf = sconf[nz] / count[nz]
+    macc = sacc[nz] / count[nz]
+    w = count[nz] / n
+    gap = macc - mconf
+    return {
+        "cal/ECE": float((w * gap.abs()).sum()),
+        "cal/MCE": float(gap.abs().max()),
+        "cal/OE": float((w * mconf * (-gap).clamp(min=0)).sum()),
+        "cal/UE": float((w * mconf * gap.clamp(min=0)).sum()),
+    }
+
+
+def _nan(metric: str, why: str) -> float:
+    logger.warning("%s is undefined (%s); reporting NaN", metric, why)
+    return float("nan")
+
+
+def _auroc_sorted_desc(scores: torch.Tensor, positive: torch.Tensor, metric: str) -> float:
+    """Mann-Whitney AUROC with averaged tie ranks; ``scores`` sorted descending."""
+    n = scores.numel()
+    pos = positive.double()
+    n_pos = float(pos.sum())
+    n_neg = n - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return _nan(metric, f"{int(n_pos)} positive and {int(n_neg)} negative samples")
+    _, counts = torch.unique_consecutive(scores, return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    cpos = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(pos, 0)])
+    pos_in_group = cpos[ends] - cpos[starts]
+    # ascending rank (1-based) averaged over a group occupying descending slots [start, end)
+    avg_rank = n - starts.double() - (counts.double() - 1) / 2
+    r_pos = float((avg_rank * pos_in_group).sum())
+    return (r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _auroc(scores: torch.Tensor, positive: torch.Tensor, metric: str) -> float:
+    s, order = torch.sort(scores, descending=True, stable=True)
+    return _auroc_sorted_desc(s, positive[order], metric)
+
+
+# --------------------------------------------------------------------------------------------
+# smooth ECE (Błasiok & Nakkiran), matching relplot 1.0's discretisation
+# --------------------------------------------------------------------------------------------
+class _SmoothECE:
+    """smECE of (confidence f, correctness y) pairs with a reflected Gaussian kernel.
+
+    Follows the reference implementation (``relplot.smECE``, Apple, 2023) step by step so that the
+    numbers agree: the residuals ``f - y`` and the unit weights are linearly split onto a uniform
+    grid of ``max(2000, round(20 / sigma)) // 2 + 1`` points, convolved (FFT) with a Gaussian whose
+    mass outside [0, 1] is reflected back, interpolated at ``max(200, round(10 / sigma))`` mesh
+    points, and smECE_sigma = sum |r_s| dens / sum dens with ``dens`` the smoothed density (+1e-4).
+    The bandwidth is the fixed point ``sigma = smECE_sigma`` found by 10 bisection steps on
+    [0, 1] (returning the upper end, as relplot does).
+    """
+
+    def __init__(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        self.f = f.double()
+        self.r = self.f - y.double()
+        self._grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _grid(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n not in self._grids:
+            pos = self.f * (n - 1)
+            bins = pos.long().clamp(0, n - 2)
+            frac = pos - bins
+            vals = torch.zeros(2, n, dtype=torch.float64)
+            for row, w in enumerate((self.r, torch.ones_like(self.r))):
+                vals[row].index_add_(0, bins, (1 - frac) * w)
+                vals[row].index_add_(0, bins + 1, frac * w)
+            self._grids[n] = (vals, torch.linspace(0, 1, n, dtype=torch.float64))
+        return self._grids[n]
+
+    @staticmethod
+    def _reflected_convolve(values: torch.Tensor, sigma: float) -> torch.Tensor:
+        n = values.shape[-1]
+        t = torch.linspace(0, 1, n, dtype=torch.float64)
+        ker = torch.exp(-((t - 0.5) ** 2) / (2 * sigma**2)) / (math.sqrt(2 * math.pi) * sigma)
+        ext = torch.cat([values.flip(-1)[..., :-1], values, values.flip(-1)[..., 1:]], dim=-1)
+        m = ext.shape[-1] + n - 1
+        size = 1 << (m - 1).bit_length()
+        full = torch.fft.irfft(torch.fft.rfft(ext, size) * torch.fft.rfft(ker, size), size)[..., :m]
+        valid = full[..., n - 1 : ext.shape[-1]]  # np.convolve(..., "valid")
+        return valid[..., n // 2 : n // 2 + n]
+
+    def at(self, sigma: float) -> float:
+        n = max(2000, round(20 / sigma)) // 2 + 1
+        vals, grid = self._grid(n)
+        smoothed = self._reflected_convolve(vals, sigma)
+        mesh = max(round(10 / sigma), 200)
+        t = torch.linspace(0, 1, mesh, dtype=torch.float64)
+        inds = (t * (n - 1)).long().clamp(0, n - 2)
+        res = (t - inds * (1 / (n - 1))) / (1 / (n - 1))
+        interp = smoothed[:, inds] * (1 - res) + smoothed[:, inds + 1] * res
+        dens = interp[1] + 1e-4
+        rs = interp[0] / dens
+        return float((rs.abs() * dens).sum() / dens.sum())
+
+    def fixed_point(self, eps: float = 1e-3) -> float:
+        def ok(alpha: float) -> bool:
+            return alpha < eps or alpha < self.at(alpha)
+
+        if ok(1.0):
+            return self.at(1.0)
+        start, end = 1.0, 0.0
+        for _ in range(10):
+            mid = (start + end) / 2
+            if ok(mid):
+                end = mid
+            else:
+                start = mid
+        return self.at(start)
+
+
+# --------------------------------------------------------------------------------------------
+# one-vs-one AUROC
+# --------------------------------------------------------------------------------------------
+def _ovo_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    k = probs.shape[1]
+    counts = torch.bincount(labels, minlength=k)
+    present = torch.nonzero(counts).flatten().tolist()
+    if len(present) < 2:
+        return _nan("cls/OvO-AUROC", f"{len(present)} class present in labels")
+    order = torch.argsort(labels, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    u = torch.zeros(k, k, dtype=torch.float64)  # u[j, m] = P(p_j of class j > p_j of class m)
+    for j in present:
+        col = probs[:, j].contiguous()
+        own = torch.sort(col[order[starts[j] : starts[j] + counts[j]]]).values
+        # class-j samples strictly above each sample's p_j, plus half of those tied with it
+        right = torch.searchsorted(own, col, right=True)
+        wins = (int(counts[j]) - right).double()
+        tied = (right > 0) & (own[(right - 1).clamp(min=0)] == col)
+        if bool(tied.any()):
+            left = torch.searchsorted(own, col[tied], right=False)
+            wins[tied] += (right[tied] - left).double() / 2
+        u[j] = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, wins)
+    idx = torch.tensor(present)
+    n = counts.double()
+    auc = u[idx][:, idx] / (n[idx, None] * n[None, idx])
+    pair = (auc + auc.T) / 2
+    iu = torch.triu_indices(len(present), len(present), offset=1)
+    return float(pair[iu[0], iu[1]].mean())
+
+
+# --------------------------------------------------------------------------------------------
+# metric functions on probabilities
+# --------------------------------------------------------------------------------------------
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy (fraction)."""
+    p, y = validate_probs(probs, labels)
+    return float(_top_label(p, y)[1].double().mean())
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Negative log-likelihood ``mean -log max(p_y, 1e-12)`` (nats)."""
+    p, y = validate_probs(probs, labels)
+    py = p.gather(1, y[:, None]).squeeze(1).double()
+    return float(-torch.log(py.clamp(min=_NLL_FLOOR)).mean())
+
+
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Brier score summed over classes, averaged over samples (range [0, 2])."""
+    p, y = validate_probs(probs, labels)
+    return _brier(p, y)
+
+
+def _brier(p: torch.Tensor, y: torch.Tensor) -> float:
+    sq = torch.einsum("ij,ij->i", p, p).double()  # per-row sum of squares
+    py = p.gather(1, y[:, None]).squeeze(1).double()
+    return float((sq - 2 * py + 1).mean())
+
+
+def _top_label_binned(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, float]:
+    """ECE, MCE, OE and UE from one pass of top-label equal-width binning."""
+    p, y = validate_probs(probs, labels)
+    return _binned_errors(*_binned_sums(*_top_label(p, y), n_bins))
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Top-label expected calibration error with equal-width bins (Guo et al. 2017)."""
+    return _top_label_binned(probs, labels, n_bins)["cal/ECE"]
+
+
+def mce(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Maximum calibration error: largest |accuracy - confidence| over non-empty bins."""
+    return _top_label_binned(probs, labels, n_bins)["cal/MCE"]
+
+
+def overconfidence_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """OE = sum_b (n_b/N) conf_b max(conf_b - acc_b, 0) (Thulasidasan et al. 2019)."""
+    return _top_label_binned(probs, labels, n_bins)["cal/OE"]
+
+
+def underconfidence_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """UE = sum_b (n_b/N) conf_b max(acc_b - conf_b, 0), the mirror image of OE."""
+    return _top_label_binned(probs, labels, n_bins)["cal/UE"]
+
+
+def _adaptive_ece(conf_asc: torch.Tensor, correct_asc: torch.Tensor, n_bins: int) -> float:
+    n = conf_asc.numel()
+    idx = torch.div(torch.arange(n) * n_bins, n, rounding_mode="floor")
+    sconf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf_asc.double())
+    sacc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct_asc.double())
+    return float((sacc - sconf).abs().sum() / n)
+
+
+def adaptive_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """AdaECE: ECE with equal-mass bins (Mukhoti et al. 2020); see the module conventions."""
+    p, y = validate_probs(probs, labels)
+    conf, correct = _top_label(p, y)
+    s, order = torch.sort(conf, descending=True, stable=True)
+    return _adaptive_ece(s.flip(0), correct[order].flip(0), _check_n_bins(n_bins))
+
+
+class _ClasswiseSums:
+    """Accumulates sum p_ik per (class k, bin b) over row chunks, for classwise ECE.
+
+    Bin 0 ([0, e_1)) holds most entries when K is large, and a row has at most n_bins - 1 entries
+    >= e_1 (they sum to 1), so only those are binned one by one; bin 0's sum is the column total
+    minus the others.
+    """
+
+    def __init__(self, k: int, n_bins: int, dtype: torch.dtype) -> None:
+        self.k, self.n_bins = k, n_bins
+        self.edges = torch.linspace(0, 1, n_bins + 1, dtype=dtype)
+        self.total = torch.zeros(k, dtype=torch.float64)
+        self.upper = torch.zeros(k * n_bins, dtype=torch.float64)
+
+    def add(self, blk: torch.Tensor) -> None:
+        self.total += (torch.ones(1, blk.shape[0], dtype=blk.dtype) @ blk)[0].double()
+        if self.n_bins == 1:
+            return
+        flat = blk.reshape(-1)
+        idx = torch.nonzero(flat >= self.edges[1]).squeeze(1)
+        vals = flat[idx]
+        key = (idx % self.k) * self.n_bins + torch.bucketize(vals, self.edges[1:-1], right=True)
+        self.upper += torch.bincount(key, weights=vals.double(), minlength=self.upper.numel())
+
+    def value(self, py: torch.Tensor, y: torch.Tensor) -> float:
+        sums = self.upper.view(self.k, self.n_bins).clone()
+        sums[:, 0] = self.total - sums[:, 1:].sum(1)
+        key = y * self.n_bins + bin_indices(py, self.n_bins)
+        hits = torch.bincount(key, minlength=self.k * self.n_bins).double()
+        return float((hits - sums.flatten()).abs().sum() / (y.numel() * self.k))
+
+
+def _classwise_ece(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> float:
+    acc = _ClasswiseSums(p.shape[1], n_bins, p.dtype)
+    for s in range(0, p.shape[0], max(1, _CHUNK_ELEMS // p.shape[1])):
+        acc.add(p[s : s + max(1, _CHUNK_ELEMS // p.shape[1])])
+    return acc.value(p.gather(1, y[:, None]).squeeze(1), y)
+
+
+def classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Classwise ECE (Kull et al. 2019): mean over classes of the binned ECE of p_k vs 1[y = k].
+
+    ``(1/K) sum_k sum_b (n_kb/N) |freq_kb - mean p_kb|`` with equal-width bins over every p_ik.
+    """
+    p, y = validate_probs(probs, labels)
+    return _classwise_ece(p, y, _check_n_bins(n_bins))
+
+
+def smooth_ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """smECE of the top-label confidence (Błasiok & Nakkiran 2024); see :class:`_SmoothECE`."""
+    p, y = validate_probs(probs, labels)
+    return _SmoothECE(*_top_label(p, y)).fixed_point()
+
+
+def _ks(conf_desc: torch.Tensor, correct_desc: torch.Tensor) -> float:
+    n = conf_desc.numel()
+    diff = torch.cumsum((conf_desc.double() - correct_desc.double()).flip(0), 0) / n
+    _, counts = torch.unique_consecutive(conf_desc.flip(0), return_counts=True)
+    return float(diff[torch.cumsum(counts, 0) - 1].abs().max())
+
+
+def ks_error(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """KS calibration error (Gupta et al. 2021): max |cumulative (c - a)| / N along ascending c.
+
+    The cumulative sum is read at the end of each group of tied confidences, so the value does not
+    depend on how ties are ordered.
+    """
+    p, y = validate_probs(probs, labels)
+    conf, correct = _top_label(p, y)
+    s, order = torch.sort(conf, descending=True, stable=True)
+    return _ks(s, correct[order])
+
+
+def misclassification_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC of the confidence separating correct (positive) from wrong predictions."""
+    p, y = validate_probs(probs, labels)
+    conf, correct = _top_label(p, y)
+    return _auroc(conf, correct, "sc/AUROC")
+
+
+def _selective(correct_desc: torch.Tensor) -> dict[str, float]:
+    n = correct_desc.numel()
+    err = torch.cumsum(1 - correct_desc.double(), 0)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    aurc_v = float((err / i).mean())
+    n_wrong = float(err[-1])
+    n_correct = n - n_wrong
+    opt = float(((i - n_correct).clamp(min=0) / i).mean())
+    keep = max(1, math.ceil(0.8 * n - 1e-9))
+    return {
+        "sc/AURC": aurc_v,
+        "sc/E-AURC": aurc_v - opt,
+        "sc/Risk@80": float(err[keep - 1] / keep),
+    }
+
+
+def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the risk-coverage curve (Geifman et al. 2019), confidence = max probability."""
+    p, y = validate_probs(probs, labels)
+    conf, correct = _top_label(p, y)
+    order = torch.sort(conf, descending=True, stable=True).indices
+    return _selective(correct[order])["sc/AURC"]
+
+
+def e_aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Excess AURC: AURC minus the AURC of the oracle ranking (all correct predictions first)."""
+    p, y = validate_probs(probs, labels)
+    conf, correct = _top_label(p, y)
+    order = torch.sort(conf, descending=True, stable=True).indices
+    return _selective(correct[order])["sc/E-AURC"]
+
+
+def risk_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: float = 0.8) -> float:
+    """Selective risk (error rate) of the ``ceil(coverage * N)`` most confident predictions."""
+    if not 0 < coverage <= 1:
+        raise CSMError(f"coverage: {coverage} is not in (0, 1]; use e.g. 0.8")
+    p, y = validate_probs(probs, labels)
+    conf, correct = _top_label(p, y)
+    order = torch.sort(conf, descending=True, stable=True).indices
+    keep = max(1, math.ceil(coverage * len(order) - 1e-9))
+    return float(1 - correct[order[:keep]].double().mean())
+
+
+def selective_metrics(
+    confidence: torch.Tensor | np.ndarray, correct: torch.Tensor | np.ndarray
+) -> dict[str, float]:
+    """``sc/AUROC``, ``sc/AURC``, ``sc/E-AURC`` and ``sc/Risk@80`` for any confidence score.
+
+    Use it for scores other than the max probability, e.g. ``-u`` of an uncertainty head
+    (:class:`csm.calibration.calibrators.AlienHead`). Same conventions as :func:`compute_all`.
+
+    Args:
+        confidence: (N,) scores, higher = more likely correct.
+        correct: (N,) bool or 0/1, whether each prediction is correct.
+    """
+    s = torch.as_tensor(confidence)
+    a = torch.as_tensor(correct).bool()
+    if s.dim() != 1 or s.numel() == 0 or a.shape != s.shape:
+        raise CSMError(
+            f"confidence: expected a non-empty 1-D tensor matching correct {tuple(a.shape)}, got "
+            f"{tuple(s.shape)}; pass one score per sample"
+        )
+    if not bool(torch.isfinite(s).all()):
+        raise CSMError(f"confidence: {int((~torch.isfinite(s)).sum())} non-finite score(s)")
+    s_desc, order = torch.sort(s.double(), descending=True, stable=True)
+    out = {"sc/AUROC": _auroc_sorted_desc(s_desc, a[order], "sc/AUROC")}
+    out.update(_selective(a[order]))
+    return out
+
+
+def ovo_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """One-vs-one macro AUROC (Hand & Till 2001), as sklearn's ``multi_class="ovo"``."""
+    p, y = validate_probs(probs, labels)
+    return _ovo_auroc(p, y)
+
+
+def ood_auroc(probs_in: torch.Tensor, probs_out: torch.Tensor) -> float:
+    """AUROC of the max-softmax probability separating in-distribution (positive) from OOD."""
+    p_in, _ = validate_probs(probs_in, name="probs_in")
+    p_out, _ = validate_probs(probs_out, name="ood_probs")
+    return _ood(p_in.max(dim=1).values, p_out.max(dim=1).values)
+
+
+def _ood(c_in: torch.Tensor, c_out: torch.Tensor) -> float:
+    scores = torch.cat([c_in.double(), c_out.double()])
+    positive = torch.cat(
+        [torch.ones_like(c_in, dtype=torch.bool), torch.zeros_like(c_out, dtype=torch.bool)]
+    )
+    return _auroc(scores, positive, "ood/AUROC")
+
+
+@dataclass
+class ReliabilityBins:
+    """Per-bin statistics for a reliability diagram (module binning convention).
+
+    Attributes:
+        edges: ``n_bins + 1`` bin edges from 0 to 1.
+        counts: samples per bin.
+        confidence: mean confidence per bin (NaN for empty bins).
+        accuracy: accuracy per bin (NaN for empty bins).
+        ece: the top-label ECE these bins give.
+    """
+
+    edges: list[float]
+    counts: list[int]
+    confidence: list[float]
+    accuracy: list[float]
+    ece: float
+
+
+def reliability_bins(
+    probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
+) -> ReliabilityBins:
+    """Equal-width top-label reliability statistics for plotting.
+
+    Args:
+        probs: (N, K) probabilities.
+        labels: (N,) class indices.
+        n_bins: number of equal-width bins.
+
+    Returns:
+        A :class:`ReliabilityBins`.
+    """
+    p, y = validate_probs(probs, labels)
+    count, sconf, sacc = _binned_sums(*_top_label(p, y), _check_n_bins(n_bins))
+    safe = count.clamp(min=1)
+    nan = torch.full_like(count, float("nan"))
+    return ReliabilityBins(
+        edges=torch.linspace(0, 1, n_bins + 1, dtype=torch.float64).tolist(),
+        counts=[int(c) for c in count.tolist()],
+        confidence=torch.where(count > 0, sconf / safe, nan).tolist(),
+        accuracy=torch.where(count > 0, sacc / safe, nan).tolist(),
+        ece=float((sacc - sconf).abs().sum() / count.sum()),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# everything at once
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _RowStats:
+    probs: torch.Tensor | None  # (N, K), kept only when a later metric needs every column
+    conf: torch.Tensor
+    correct: torch.Tensor
+    nll: float
+    brier: float
+    classwise: float | None
+
+
+def _row_pass(
+    x: torch.Tensor, y: torch.Tensor, n_bins: int, *, logits: bool, keep: bool, classwise: bool
+) -> _RowStats:
+    """One chunked pass over the rows: softmax (for logits), top label, NLL, Brier, classwise
+    sums. Chunks of ~256K values stay in cache, so the several reductions cost about one read
+    of the matrix instead of one each."""
+    n, k = x.shape
+    rows = max(1, _ROW_CHUNK_ELEMS // k)
+    probs = torch.empty_like(x) if (logits and keep) else (x if keep else None)
+    conf = torch.empty(n, dtype=x.dtype)
+    pred = torch.empty(n, dtype=torch.long)
+    nll_sum = sq_sum = py_sum = 0.0
+    cw = _ClasswiseSums(k, n_bins, x.dtype) if classwise else None
+    py_all = torch.empty(n, dtype=x.dtype)
+    for s in range(0, n, rows):
+        xb, yb = x[s : s + rows], y[s : s + rows]
+        pb = torch.softmax(xb, dim=1) if logits else xb
+        if logits and keep:
+            probs[s : s + rows] = pb
+        cb, predb = pb.max(dim=1)
+        conf[s : s + rows], pred[s : s + rows] = cb, predb
+        pyb = pb.gather(1, yb[:, None]).squeeze(1)
+        py_all[s : s + rows] = pyb
+        if logits:
+            # logsumexp(z) = z_k - log p_k for any k; k = argmax keeps p_k >= 1/K (no underflow)
+            lse = xb.gather(1, predb[:, None]).squeeze(1).double() - torch.log(cb.double())
+            nll_sum += float((lse - xb.gather(1, yb[:, None]).squeeze(1).double()).sum())
+        else:
+            nll_sum += float(-torch.log(pyb.double().clamp(min=_NLL_FLOOR)).sum())
+        sq_sum += float(torch.einsum("ij,ij->i", pb, pb).double().sum())
+        py_sum += float(pyb.double().sum())
+        if cw is not None:
+            cw.add(pb)
+    return _RowStats(
+        probs=probs,
+        conf=conf,
+        correct=pred == y,
+        nll=nll_sum / n,
+        brier=(sq_sum - 2 * py_sum) / n + 1,
+        classwise=None if cw is None else cw.value(py_all, y),
+    )
+
+
+def _suite(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_bins: int,
+    ood_conf: torch.Tensor | None,
+    exclude: frozenset[str],
+    *,
+    logits: bool,
+) -> dict[str, float]:
+    want_ovo = "cls/OvO-AUROC" not in exclude
+    rs = _row_pass(
+        x, y, n_bins, logits=logits, keep=want_ovo, classwise="cal/ClasswiseECE" not in exclude
+    )
+    conf, correct = rs.conf, rs.correct
+    out: dict[str, float] = {
+        "cls/Acc": float(correct.double().mean()),
+        "cls/NLL": rs.nll,
+        "cls/Brier": rs.brier,
+    }
+    binned = _binned_errors(*_binned_sums(conf, correct, n_bins))
+    s_desc, order = torch.sort(conf, descending=True, stable=True)
+    c_desc = correct[order]
+    out["cal/ECE"] = binned["cal/ECE"]
+    out["cal/AdaECE"] = _adaptive_ece(s_desc.flip(0), c_desc.flip(0), n_bins)
+    if rs.classwise is not None:
+        out["cal/ClasswiseECE"] = rs.classwise
+    out["cal/MCE"] = binned["cal/MCE"]
+    out["cal/OE"] = binned["cal/OE"]
+    out["cal/UE"] = binned["cal/UE"]
+    if "cal/smECE" not in exclude:
+        out["cal/smECE"] = _SmoothECE(conf, correct).fixed_point()
+    out["cal/KS"] = _ks(s_desc, c_desc)
+    out["sc/AUROC"] = _auroc_sorted_desc(s_desc, c_desc, "sc/AUROC")
+    out.update(_selective(c_desc))
+    if want_ovo:
+        out["cls/OvO-AUROC"] = _ovo_auroc(rs.probs, y)
+    if ood_conf is not None:
+        out["ood/AUROC"] = _ood(conf, ood_conf)
+    return {key: val for key, val in out.items() if key not in exclude}
+
+
+def _check_exclude(exclude) -> frozenset[str]:
+    names = frozenset([exclude] if isinstance(exclude, str) else exclude)
+    unknown = sorted(names - set(METRIC_NAMES))
+    if unknown:
+        raise CSMError(
+            f"exclude: unknown metric name(s) {unknown}; choose from {', '.join(METRIC_NAMES)}"
+        )
+    return names
+
+
+def compute_all(
+    logits: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    *,
+    n_bins: int = 15,
+    ood_logits: torch.Tensor | np.ndarray | None = None,
+    exclude: Collection[str] = (),
+) -> dict[str, float]:
+    """Every metric of :data:`METRIC_NAMES` from logits, with one softmax.
+
+    Args:
+        logits: (N, K) logits of the whole evaluation set (concatenated, not per batch).
+        labels: (N,) int class indices.
+        n_bins: bins for ECE, MCE, OE, UE, classwise ECE and AdaECE.
+        ood_logits: optional (M, K) logits of an OOD set; adds ``ood/AUROC``.
+        exclude: metric names to leave out. ``cls/OvO-AUROC`` is by far the most expensive
+            (a search of every class column, O(N K log(N/K))); excluding it, ``cal/smECE`` or
+            ``cal/ClasswiseECE`` skips their computation.
+
+    Returns:
+        ``{name: value}`` as Python floats, fractions (not %).
+
+    Raises:
+        CSMError: invalid logits/labels (see :func:`validate_logits`).
+    """
+    n_bins = _check_n_bins(n_bins)
+    skip = _check_exclude(exclude)
+    z, y = validate_logits(logits, labels)
+    ood_conf = None
+    if ood_logits is not None:
+        zo, _ = validate_logits(ood_logits, name="ood_logits")
+        if zo.shape[1] != z.shape[1]:
+            raise CSMError(
+                f"ood_logits: {zo.shape[1]} columns but logits have {z.shape[1]}; score the OOD "
+                "set with the same model"
+            )
+        ood_conf = torch.softmax(zo, dim=1).max(dim=1).values
+    with torch.no_grad():
+        return _suite(z, y, n_bins, ood_conf, skip, logits=True)
+
+
+def compute_all_probs(
+    probs: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    *,
+    n_bins: int = 15,
+    ood_probs: torch.Tensor | np.ndarray | None = None,
+    exclude: Collection[str] = (),
+) -> dict[str, float]:
+    """:func:`compute_all` for probabilities (e.g. a post-hoc calibrator's output).
+
+    NLL clamps ``p_y`` at 1e-12 because calibrators such as histogram binning output exact zeros.
+    """
+    n_bins = _check_n_bins(n_bins)
+    skip = _check_exclude(exclude)
+    p, y = validate_probs(probs, labels)
+    ood_conf = None
+    if ood_probs is not None:
+        po, _ = validate_probs(ood_probs, name="ood_probs")
+        if po.shape[1] != p.shape[1]:
+            raise CSMError(
+                f"ood_probs: {po.shape[1]} columns but probs have {p.shape[1]}; score the OOD set "
+                "with the same model"
+            )
+        ood_conf = po.max(dim=1).values
+    with torch.no_grad():
+        return _suite(p, y, n_bins, ood_conf, skip, logits=False)

@@ -1,0 +1,2 @@
+"""Real data: loading and splitting datasets (``real``), training augmentation (``augment``) and
+the corruptions of the shifted test sets (``corruptions``)."""

@@ -1,0 +1,2 @@
+"""Evaluation of trained runs: scoring with every metric and calibrator (``evaluate``) and the
+plots (``plots``)."""

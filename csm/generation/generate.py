@@ -1,0 +1,210 @@
+"""``csm generate``: sample class-mixed groups into a synthetic dataset (resumable, multi-process).
+
+Semantic mixing (Luo et al., "Beyond One-Hot Labels: Semantic Mixing for Model Calibration",
+ICML 2025, arXiv 2504.13548): group ``k`` shares one initial noise (seed
+:func:`csm.generation.mixing.seed_for_group` ``(k, seed)``) across ``G`` images at
+``λ = 0, 1/(G-1), ..., 1`` for the pair :func:`csm.generation.mixing.pair_for_group` ``(k, K)``.
+Groups are written in shards of ``--groups-per-shard`` groups by
+:class:`csm.synthetic.dataset.SyntheticWriter`. Within a shard the images are produced in batches of
+``--batch-size`` counted from the shard's first row, so a shard's pixels depend only on (shard,
+parameters): resuming after a kill (``--resume``) or splitting the shards across processes
+(``accelerate launch -m csm generate``, shard ``i`` goes to process ``i mod P``) gives exactly the
+dataset of one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from csm.errors import CSMError
+from csm.synthetic.dataset import SyntheticWriter, to_uint8
+
+logger = logging.getLogger(__name__)
+
+PAIR_WALK = (
+    "all unordered pairs a<b in lexicographic order, cycling (csm.generation.mixing.pair_for_group)"
+)
+SEED_RULE = "numpy SeedSequence([seed, group_id]) (csm.generation.mixing.seed_for_group)"
+
+
+@dataclass
+class GenerateConfig:
+    """Options of ``csm generate``."""
+
+    model: str = field(default="", metadata={"help": "diffusers pipeline folder (fit-diffusion)"})
+    out: str = field(default="", metadata={"help": "output synthetic dataset directory"})
+    groups: int = field(default=0, metadata={"help": "number of groups (images = groups x G)"})
+    group_size: int = field(default=8, metadata={"help": "images per group G (lambda grid)"})
+    steps: int = field(default=25, metadata={"help": "denoising steps"})
+    guidance: float = field(default=1.0, metadata={"help": "classifier-free guidance (1 = off)"})
+    seed: int = field(default=0, metadata={"help": "base seed; group k uses seed_for_group(k)"})
+    batch_size: int = field(default=64, metadata={"help": "images per pipeline call"})
+    scheduler: str = field(default="ddim", metadata={"help": "ddim, dpm++, euler or heun"})
+    mix_mode: str = field(default="embedding", metadata={"help": "embedding (CSM) or eps"})
+    groups_per_shard: int = field(default=32, metadata={"help": "groups per shard file"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing dataset"})
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto, cpu or cuda (accelerate chooses under accelerate launch)"},
+    )
+    license: str = field(default="other", metadata={"help": "license in the dataset card"})
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    import csm
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "csm": csm.__version__}
+
+
+def generation_info(cfg: GenerateConfig, pipe: Any, model_ref: str) -> dict[str, Any]:
+    """Everything that determines the images (recorded in the manifest, card and info)."""
+    train_cfg = pipe.training_config() or {}
+    model = pipe.transformer if pipe.backbone == "dit" else pipe.unet
+    size = model.config.sample_size
+    return {
+        "model": model_ref,
+        "model_class": type(pipe).__name__,
+        "backbone": pipe.backbone,
+        "dataset": train_cfg.get("dataset"),
+        "scheduler": cfg.scheduler,
+        "scheduler_class": type(pipe.scheduler).__name__,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "group_size": cfg.group_size,
+        "mix_mode": cfg.mix_mode,
+        "seed": cfg.seed,
+        "groups": cfg.groups,
+        "batch_size": cfg.batch_size,
+        "pair_walk": PAIR_WALK,
+        "seed_rule": SEED_RULE,
+        "sample_size": size if isinstance(size, int) else list(size),
+        "license": cfg.license,
+        **_versions(),
+    }
+
+
+def _check(cfg: GenerateConfig) -> None:
+    from csm.generation.mixing import lambdas
+    from csm.generation.pipeline import MIX_MODES, SCHEDULERS
+
+    if not cfg.model:
+        raise CSMError("model: missing; pass --model DIR (a folder from `csm fit-diffusion`)")
+    if not cfg.out:
+        raise CSMError("out: missing; pass --out DIR for the synthetic dataset")
+    if cfg.groups < 1:
+        raise CSMError(f"groups={cfg.groups}: must be >= 1; pass --groups N")
+    lambdas(cfg.group_size)  # G >= 2
+    for name in ("steps", "batch_size", "groups_per_shard"):
+        if getattr(cfg, name) < 1:
+            raise CSMError(f"{name}={getattr(cfg, name)}: must be >= 1")
+    if cfg.scheduler not in SCHEDULERS:
+        raise CSMError(f"scheduler={cfg.scheduler!r}: unknown; choose one of {sorted(SCHEDULERS)}")
+    if cfg.mix_mode not in MIX_MODES:
+        raise CSMError(f"mix_mode={cfg.mix_mode!r}: choose one of {list(MIX_MODES)}")
+    if cfg.seed < 0:
+        raise CSMError(f"seed={cfg.seed}: must be >= 0")
+
+
+def generate_shard(
+    pipe: Any, writer: SyntheticWriter, index: int, cfg: GenerateConfig, bar: tqdm | None = None
+) -> None:
+    """Generate and write shard ``index`` (its groups, in order, ``batch_size`` rows per call)."""
+    from csm.generation.mixing import group_plan
+
+    k = len(writer.class_names)
+    plans = [group_plan(g, k, cfg.seed, cfg.group_size) for g in writer.shard_groups(index)]
+    a = np.array([p.class_a for p in plans for _ in p.lams], dtype=np.int64)
+    b = np.array([p.class_b for p in plans for _ in p.lams], dtype=np.int64)
+    lam = np.array([x for p in plans for x in p.lams], dtype=np.float64)
+    gid = np.array([p.group_id for p in plans for _ in p.lams], dtype=np.int64)
+    seeds = np.array([p.seed for p in plans for _ in p.lams], dtype=np.int64)
+    chunks = []
+    for start in range(0, len(a), cfg.batch_size):
+        sl = slice(start, start + cfg.batch_size)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[sl]]
+        out = pipe(
+            class_a=a[sl].tolist(),
+            class_b=b[sl].tolist(),
+            lam=lam[sl].tolist(),
+            generator=gens,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            output_type="pt",
+            mix_mode=cfg.mix_mode,
+        )
+        chunks.append(to_uint8(out.images))
+        if bar is not None:
+            bar.update(len(gens))
+    writer.write_shard(index, np.concatenate(chunks), a, b, lam, gid, seeds)
+
+
+def generate(cfg: GenerateConfig) -> str:
+    """Run ``csm generate`` (see module docstring); returns a one-line summary."""
+    from accelerate import PartialState
+
+    from csm.config import save_config
+    from csm.generation.pipeline import CSMMixingPipeline
+    from csm.utils import resolve_device
+
+    _check(cfg)
+    state = PartialState()
+    path = Path(cfg.model)
+    model_ref = str(path.resolve()) if path.exists() else cfg.model
+    pipe = CSMMixingPipeline.from_pretrained(cfg.model)
+    pipe.set_scheduler(cfg.scheduler)
+    device = state.device if state.num_processes > 1 else resolve_device(cfg.device)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    info = generation_info(cfg, pipe, model_ref)
+    shard_args = (cfg.out, pipe.class_names, info, cfg.groups_per_shard, cfg.groups)
+    error: CSMError | None = None
+    if state.is_main_process:
+        try:
+            writer = SyntheticWriter(*shard_args, resume=cfg.resume, overwrite=cfg.overwrite)
+            save_config(cfg, Path(cfg.out) / ".csm", name="generate_config.yaml")
+        except CSMError as exc:
+            error = exc
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        # every process learns whether the main one could open the dataset (no hang, no
+        # writing into a directory the main process refused)
+        flag = broadcast_object_list([None if error is None else str(error)])[0]
+        if flag is not None and error is None:
+            error = CSMError(flag)
+    if error is not None:
+        raise error
+    if not state.is_main_process:
+        writer = SyntheticWriter(*shard_args, resume=True)
+    mine = [i for i in writer.pending_shards() if i % state.num_processes == state.process_index]
+    total_rows = sum(len(writer.shard_groups(i)) for i in mine) * cfg.group_size
+    if len(mine) < writer.num_shards:
+        logger.info(
+            "process %d: %d of %d shards to write",
+            state.process_index,
+            len(mine),
+            writer.num_shards,
+        )
+    with tqdm(
+        total=total_rows,
+        desc=f"generate[{state.process_index}]",
+        unit="img",
+        disable=not state.is_local_main_process,
+    ) as bar:
+        for index in mine:
+            generate_shard(pipe, writer, index, cfg, bar)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        writer.finalize()
+    n = cfg.groups * cfg.group_size
+    return f"wrote {n} images ({cfg.groups} groups x {cfg.group_size}) to {cfg.out}"

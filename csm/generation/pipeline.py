@@ -1,0 +1,574 @@
+"""``CSMMixingPipeline``: class-mixed sampling from a class-conditional diffusers model.
+
+Semantic mixing (Luo et al., ICML 2025, section 3.1) conditions a class-conditional denoiser on the
+convex combination of two class conditions, ``c(λ) = λ·onehot(a) + (1-λ)·onehot(b)``. With an
+embedding-table class embedding this is exactly ``λ·E[a] + (1-λ)·E[b]``, used at every denoising
+step. With classifier-free guidance (Ho & Salimans, 2022) the conditional branch uses the mixed
+condition and the unconditional branch the null condition.
+
+Three backbones are supported; which one a pipeline uses follows from its components:
+
+* ``unet`` = :class:`~diffusers.UNet2DModel` with ``num_class_embeds = K + 1`` (last row = null):
+  the mixture of embedding rows is injected into ``unet.class_embedding``. This is what
+  ``csm fit-diffusion`` trains.
+* ``transformer`` = :class:`~diffusers.DiTTransformer2DModel` + ``vae`` (Peebles & Xie, 2023): every
+  transformer block owns a separate label-embedding table; the same mixture weights are applied to
+  each block's own table. The null class is ``transformer.config.num_embeds_ada_norm`` (not the
+  hard-coded 1000 of diffusers' ``DiTPipeline``).
+* ``unet`` = :class:`~diffusers.UNet2DConditionModel` + ``text_encoder`` + ``tokenizer`` + ``vae``
+  (Stable Diffusion style, Rombach et al., 2022): each class name goes through ``prompt_template``
+  ("a photo of a {}") and the per-token CLIP prompt embeddings of the two classes are mixed; the
+  null condition is the empty prompt.
+
+``mix_mode="eps"`` instead mixes the two *conditional noise predictions*
+``λ·ε(x, a) + (1-λ)·ε(x, b)`` (two forwards per step), for comparison.
+
+Schedulers swap the diffusers way (``pipe.scheduler = EulerDiscreteScheduler.from_config(
+pipe.scheduler.config)``) or by name with :meth:`CSMMixingPipeline.set_scheduler` (``SCHEDULERS``).
+
+Example:
+    >>> pipe = CSMMixingPipeline.from_pretrained("runs/diffusion-digits")
+    >>> gens = [torch.Generator().manual_seed(0) for _ in range(8)]  # one shared noise
+    >>> out = pipe(class_a=[3] * 8, class_b=[8] * 8, lam=lambdas(8), generator=gens)
+    >>> out.images.shape  # (8, C, H, W) floats in [0, 1]
+
+References:
+    Luo, Tao, Dong, Xu. "Beyond One-Hot Labels: Semantic Mixing for Model Calibration." ICML 2025.
+    Ho, Salimans. "Classifier-Free Diffusion Guidance." 2022.
+    Peebles, Xie. "Scalable Diffusion Models with Transformers." ICCV 2023.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    ImagePipelineOutput,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from csm.errors import CSMError
+from csm.generation.mixing import mixing_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MIX_MODES", "OUTPUT_TYPES", "SCHEDULERS", "CSMMixingPipeline", "build_unet"]
+
+#: Sampler registry for ``--scheduler``: name -> diffusers scheduler class (built ``from_config``).
+SCHEDULERS: dict[str, type] = {
+    "ddim": DDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+}
+MIX_MODES = ("embedding", "eps")
+OUTPUT_TYPES = ("pt", "np", "pil")
+
+
+@contextmanager
+def _inject(modules: Sequence[torch.nn.Module], weights: torch.Tensor, table):
+    """Make each embedding module return ``weights @ table(module)`` instead of a row lookup.
+
+    Args:
+        modules: Embedding modules whose output is replaced (forward hooks).
+        weights: ``(N, R)`` mixture weights over the ``R`` rows of each module's table.
+        table: ``module -> (R, D)`` weight matrix of that module.
+    """
+
+    def hook(module, args, output):
+        emb = weights.to(device=output.device, dtype=table(module).dtype) @ table(module)
+        if emb.shape != output.shape:
+            raise RuntimeError(f"mixed embedding {tuple(emb.shape)} != {tuple(output.shape)}")
+        return emb.to(output.dtype)
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class CSMMixingPipeline(DiffusionPipeline):
+    r"""Sample images whose class condition is a convex mixture of two classes.
+
+    Args:
+        scheduler: Any diffusers scheduler (DDIM by default for trained models).
+        unet: :class:`~diffusers.UNet2DModel` with ``num_class_embeds = K + 1`` (pixel space) or
+            :class:`~diffusers.UNet2DConditionModel` (text-conditioned, needs ``vae``,
+            ``text_encoder``, ``tokenizer``).
+        transformer: :class:`~diffusers.DiTTransformer2DModel` (needs ``vae``).
+        vae: :class:`~diffusers.AutoencoderKL` for latent backbones.
+        text_encoder: CLIP text encoder (text-conditioned backbone).
+        tokenizer: Its tokenizer.
+        class_names: The ``K`` class names, stored in ``model_index.json``.
+        prompt_template: Prompt for the text backbone; ``{}`` is replaced by the class name.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->unet->vae"
+    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        scheduler,
+        unet=None,
+        transformer=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        class_names: list[str] | None = None,
+        prompt_template: str = "a photo of a {}",
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            scheduler=scheduler,
+            unet=unet,
+            transformer=transformer,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+        )
+        names = None if class_names is None else [str(c) for c in class_names]
+        self.register_to_config(class_names=names, prompt_template=prompt_template)
+        self._prompt_cache: tuple[tuple, torch.Tensor] | None = None
+        self._validate()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def backbone(self) -> str:
+        """``"unet"``, ``"dit"`` or ``"text"``."""
+        if self.transformer is not None:
+            return "dit"
+        if isinstance(self.unet, UNet2DConditionModel):
+            return "text"
+        return "unet"
+
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes ``K`` (the null row is not counted)."""
+        if self.backbone == "unet":
+            return int(self.unet.config.num_class_embeds) - 1
+        if self.backbone == "dit":
+            return int(self.transformer.config.num_embeds_ada_norm)
+        return len(self.config.class_names or [])
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names recorded with the model (index strings when none were recorded)."""
+        names = self.config.class_names
+        return list(names) if names else [str(i) for i in range(self.num_classes)]
+
+    def _validate(self) -> None:
+        unet, dit = self.unet, self.transformer
+        if unet is None and dit is None:
+            raise CSMError(
+                "model: has neither a unet nor a transformer; pass a class-conditional "
+                "UNet2DModel, DiTTransformer2DModel or UNet2DConditionModel"
+            )
+        if isinstance(unet, UNet2DModel):
+            if unet.config.class_embed_type is not None or not unet.config.num_class_embeds:
+                raise CSMError(
+                    "unet: UNet2DModel is not class-conditional (needs class_embed_type=None and "
+                    "num_class_embeds=K+1); train one with `csm fit-diffusion`"
+                )
+            if unet.config.num_class_embeds < 3:
+                raise CSMError(
+                    f"unet: num_class_embeds={unet.config.num_class_embeds} leaves fewer than 2 "
+                    "classes plus the null row; use num_class_embeds=K+1 with K >= 2"
+                )
+        elif isinstance(unet, UNet2DConditionModel):
+            if self.text_encoder is None or self.tokenizer is None or self.vae is None:
+                raise CSMError(
+                    "unet: a UNet2DConditionModel needs text_encoder, tokenizer and vae "
+                    "components; load a complete Stable-Diffusion-style folder"
+                )
+            if not self.config.class_names:
+                raise CSMError(
+                    "class_names: a text-conditioned model needs the class names; pass "
+                    "class_names=[...] to from_pretrained"
+                )
+        elif unet is not None:
+            raise CSMError(
+                f"unet: {type(unet).__name__} is not supported; use UNet2DModel, "
+                "UNet2DConditionModel or a DiT transformer"
+            )
+        if dit is not None:
+            if not isinstance(dit, DiTTransformer2DModel):
+                raise CSMError(
+                    f"transformer: {type(dit).__name__} is not supported; use DiTTransformer2DModel"
+                )
+            if self.vae is None:
+                raise CSMError("vae: a DiT transformer needs a vae component to decode latents")
+        names = self.config.class_names
+        if names and len(names) != self.num_classes:
+            raise CSMError(
+                f"class_names: {len(names)} names for a model with {self.num_classes} classes; "
+                "record exactly one name per class"
+            )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> CSMMixingPipeline:
+        """Load a pipeline folder (or hub id); local folders are checked first for a clear error."""
+        path = Path(str(pretrained_model_name_or_path))
+        if path.exists() and not (path / "model_index.json").is_file():
+            raise CSMError(
+                f"{path}: not a diffusers pipeline folder (no model_index.json); pass the folder "
+                "written by `csm fit-diffusion` or pipe.save_pretrained"
+            )
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError, TypeError) as exc:
+            if path.exists():
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise CSMError(
+                    f"{path}: cannot load as a class-conditional diffusers model ({msg}); "
+                    "pass a folder written by `csm fit-diffusion`"
+                ) from exc
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CSMError(
+                f"{pretrained_model_name_or_path}: no such folder, and not loadable as a Hub id "
+                f"({msg}); pass a folder written by `csm fit-diffusion` or a cached Hub id"
+            ) from exc
+
+    def training_config(self) -> dict | None:
+        """The training config recorded by ``csm fit-diffusion`` (``None`` if absent)."""
+        path = getattr(self, "_csm_folder", None)
+        if path is None and getattr(self, "name_or_path", None):
+            path = self.name_or_path
+        if path is None:
+            return None
+        f = Path(path) / "training_config.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def check_classes(self, class_names: Sequence[str]) -> None:
+        """Raise a :class:`CSMError` if ``class_names`` do not match the model's classes."""
+        if len(class_names) != self.num_classes:
+            raise CSMError(
+                f"model: has {self.num_classes} classes but the dataset has {len(class_names)}; "
+                "use a model trained on this dataset (csm fit-diffusion --dataset ...)"
+            )
+
+    def generator_identity(
+        self, num_inference_steps: int, guidance_scale: float, mix_mode: str = "embedding"
+    ) -> dict:
+        """JSON-able description of how images are generated (stored with every sample)."""
+        import diffusers
+
+        return {
+            "model": str(self.name_or_path) if getattr(self, "name_or_path", None) else None,
+            "backbone": self.backbone,
+            "scheduler": type(self.scheduler).__name__,
+            "num_inference_steps": int(num_inference_steps),
+            "guidance_scale": float(guidance_scale),
+            "mix_mode": mix_mode,
+            "diffusers": diffusers.__version__,
+        }
+
+    def set_scheduler(self, name: str) -> None:
+        """Swap the sampler by name (see ``SCHEDULERS``), keeping the noise schedule config."""
+        if name not in SCHEDULERS:
+            raise CSMError(f"scheduler={name!r}: unknown; choose one of {sorted(SCHEDULERS)}")
+        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config)
+
+    def class_index(self, c: int | str, name: str = "class") -> int:
+        """Index of class ``c`` given as an index or a recorded class name."""
+        k = self.num_classes
+        if isinstance(c, str) and not c.lstrip("-").isdigit():
+            names = self.class_names
+            if c not in names:
+                raise CSMError(
+                    f"{name}={c!r}: unknown class name; choose one of {names[:20]}"
+                    + (" ..." if len(names) > 20 else "")
+                )
+            return names.index(c)
+        if isinstance(c, bool) or not isinstance(c, int | str | np.integer):
+            if isinstance(c, torch.Tensor) and c.numel() == 1:
+                c = int(c.item())
+            else:
+                raise CSMError(f"{name}={c!r}: pass a class index or class name")
+        idx = int(c)
+        if not 0 <= idx < k:
+            raise CSMError(f"{name}={idx}: class index out of range; use 0..{k - 1}")
+        return idx
+
+    # ------------------------------------------------------------------ conditions
+    def _prompt_embeddings(self) -> torch.Tensor:
+        """``(K + 1, L, D)`` CLIP embeddings of every class prompt; last row = empty prompt."""
+        names = self.class_names
+        key = (tuple(names), self.config.prompt_template)
+        if self._prompt_cache is not None and self._prompt_cache[0] == key:
+            return self._prompt_cache[1]
+        template = self.config.prompt_template
+        prompts = [template.format(n.replace("_", " ")) for n in names] + [""]
+        tok = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            emb = self.text_encoder(tok.input_ids.to(self.text_encoder.device))[0]
+        self._prompt_cache = (key, emb)
+        return emb
+
+    def _denoise(self, x: torch.Tensor, t, weights: torch.Tensor | None, labels: torch.Tensor):
+        """One model call. ``weights`` (N, K+1) mixes condition rows; ``None`` = native labels."""
+        n = x.shape[0]
+        if self.backbone == "unet":
+            model = self.unet
+            if weights is None:
+                return model(x, t, class_labels=labels).sample
+            with _inject([model.class_embedding], weights, lambda m: m.weight):
+                return model(x, t, class_labels=labels).sample
+        if self.backbone == "dit":
+            model = self.transformer
+            tt = t if torch.is_tensor(t) else torch.tensor(t)
+            tt = tt.to(x.device).reshape(-1).expand(n) if tt.ndim == 0 else tt
+            if weights is None:
+                out = model(x, timestep=tt, class_labels=labels).sample
+            else:
+                embedders = [b.norm1.emb.class_embedder for b in model.transformer_blocks]
+                with _inject(embedders, weights, lambda m: m.embedding_table.weight):
+                    out = model(x, timestep=tt, class_labels=labels).sample
+            c = model.config.in_channels
+            return out[:, :c] if out.shape[1] == 2 * c else out
+        emb = self._prompt_embeddings()
+        if weights is None:
+            cond = emb[labels]
+        else:
+            cond = torch.einsum("nk,kld->nld", weights.to(emb.dtype), emb)
+        return self.unet(x, t, encoder_hidden_states=cond.to(self.unet.dtype)).sample
+
+    def _num_rows(self) -> int:
+        """Rows of the condition table, including the null row."""
+        if self.backbone == "dit":
+            block = self.transformer.transformer_blocks[0]
+            return block.norm1.emb.class_embedder.embedding_table.num_embeddings
+        return self.num_classes + 1
+
+    def _check_weights(self, weights, mix_mode: str) -> np.ndarray:
+        w = np.asarray(weights.detach().cpu() if torch.is_tensor(weights) else weights, float)
+        k = self.num_classes
+        if w.ndim != 2 or w.shape[1] != k or len(w) == 0:
+            raise CSMError(f"class_weights: shape {w.shape}; pass an (N, {k}) array")
+        if (w < 0).any() or not np.allclose(w.sum(1), 1.0, atol=1e-5):
+            raise CSMError("class_weights: rows must be non-negative and sum to 1")
+        if mix_mode != "embedding":
+            raise CSMError("class_weights: only supported with mix_mode='embedding'")
+        return w
+
+    # ------------------------------------------------------------------ sampling
+    def _latent_shape(self) -> tuple[int, int, int]:
+        model = self.transformer if self.backbone == "dit" else self.unet
+        size = model.config.sample_size
+        size = size if isinstance(size, int) else size[0]
+        return int(model.config.in_channels), int(size), int(size)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone != "unet":
+            x = self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_a: int | str | Sequence[int | str] | None = None,
+        class_b: int | str | Sequence[int | str] | None = None,
+        lam: float | Sequence[float] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 1.0,
+        output_type: str = "pt",
+        mix_mode: str = "embedding",
+        return_dict: bool = True,
+        class_weights: np.ndarray | torch.Tensor | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate one image per entry of ``class_a``.
+
+        Args:
+            class_a: Per-sample class (index or name) with weight ``lam``; a scalar means one image.
+            class_b: Per-sample second class (weight ``1 - lam``). ``None`` (with ``lam=None``) is
+                plain class-conditional sampling of ``class_a`` through the model's own label path.
+            lam: Per-sample weight of ``class_a`` in ``[0, 1]`` (scalar broadcasts).
+            generator: One ``torch.Generator`` per sample (or one for all) for the initial noise;
+                samples that share a seed share their noise regardless of batch position.
+            latents: Initial noise ``(N, C, H, W)`` instead of ``generator``.
+            num_inference_steps: Denoising steps.
+            guidance_scale: Classifier-free guidance weight; ``<= 1`` disables the unconditional
+                branch (the paper samples without guidance).
+            output_type: ``"pt"`` (float tensor in [0, 1], ``(N, C, H, W)``), ``"np"``
+                (``(N, H, W, C)``) or ``"pil"``.
+            mix_mode: ``"embedding"`` mixes the conditions (the method); ``"eps"`` mixes the two
+                conditional noise predictions.
+            return_dict: Return :class:`~diffusers.ImagePipelineOutput` (else a tuple).
+            class_weights: Instead of ``class_a``/``class_b``/``lam``: dense ``(N, K)`` mixture
+                weights (non-negative, rows summing to 1), e.g. Dirichlet mixing of three or more
+                classes (:func:`csm.generation.mixing.dirichlet_weights`); embedding mode only.
+
+        Returns:
+            ``ImagePipelineOutput`` with ``.images``.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise CSMError(f"output_type={output_type!r}: choose one of {list(OUTPUT_TYPES)}")
+        if mix_mode not in MIX_MODES:
+            raise CSMError(f"mix_mode={mix_mode!r}: choose one of {list(MIX_MODES)}")
+        if num_inference_steps < 1:
+            raise CSMError(f"num_inference_steps={num_inference_steps}: must be >= 1")
+        k = self.num_classes
+        dense = None
+        if class_weights is not None:
+            dense = self._check_weights(class_weights, mix_mode)
+            class_a, class_b, lam = dense.argmax(1).tolist(), None, None
+        if class_a is None:
+            raise CSMError("class_a: missing; pass the class of every sample (or class_weights)")
+        a_list = [class_a] if isinstance(class_a, int | str) else list(class_a)
+        n = len(a_list)
+        if n == 0:
+            raise CSMError("class_a: empty; pass at least one class")
+        a_idx = [self.class_index(c, "class_a") for c in a_list]
+        plain = class_b is None and lam is None and dense is None
+        if dense is not None:
+            b_idx, lams = a_idx, [1.0] * n
+        elif plain:
+            b_idx, lams = a_idx, [1.0] * n
+        else:
+            if class_b is None or lam is None:
+                raise CSMError("class_b/lam: pass both (mixing) or neither (plain sampling)")
+            b_list = [class_b] * n if isinstance(class_b, int | str) else list(class_b)
+            b_idx = [self.class_index(c, "class_b") for c in b_list]
+            lams = [float(lam)] * n if isinstance(lam, int | float) else [float(v) for v in lam]
+        device = self._execution_device
+        w = mixing_weights(a_idx, b_idx, lams, k)  # validates lengths, ranges and λ
+        if dense is not None:
+            w = dense
+        rows = self._num_rows()
+        null = k  # the null row follows the K class rows
+        do_cfg = guidance_scale > 1.0
+        if do_cfg and rows < k + 1:
+            raise CSMError(
+                "guidance_scale: the model has no null class row (trained without label dropout); "
+                "use guidance_scale=1"
+            )
+        w_ext = torch.zeros(n, rows, dtype=torch.float32)
+        w_ext[:, :k] = torch.from_numpy(w).float()
+        w_null = torch.zeros(n, rows)
+        w_null[:, min(null, rows - 1)] = 1.0
+
+        # initial noise: per-sample generators make each image's noise independent of the batch
+        shape = (n, *self._latent_shape())
+        model = self.transformer if self.backbone == "dit" else self.unet
+        dtype = model.dtype
+        if latents is None:
+            if isinstance(generator, list) and len(generator) != n:
+                raise CSMError(
+                    f"generator: {len(generator)} generators for {n} samples; pass one per sample"
+                )
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise CSMError(f"latents: shape {tuple(latents.shape)} != expected {shape}")
+            latents = latents.to(device=device, dtype=dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+
+        labels_a = torch.tensor(a_idx, device=device)
+        labels_b = torch.tensor(b_idx, device=device)
+        labels_null = torch.full((n,), null, device=device)
+        lam_t = torch.tensor(lams, device=device, dtype=torch.float32).view(n, 1, 1, 1)
+
+        # conditional branches of one step, as (labels, weights) per forward chunk
+        if plain:
+            branches = [(labels_a, None)]
+        elif mix_mode == "embedding":
+            branches = [(labels_a, w_ext)]
+        else:
+            onehot_a = torch.zeros(n, rows).scatter_(1, labels_a.cpu().view(-1, 1), 1.0)
+            onehot_b = torch.zeros(n, rows).scatter_(1, labels_b.cpu().view(-1, 1), 1.0)
+            branches = [(labels_a, onehot_a), (labels_b, onehot_b)]
+        if do_cfg:
+            branches = [(labels_null, None if plain else w_null), *branches]
+
+        x = latents
+        for t in self.progress_bar(self.scheduler.timesteps):
+            nb = len(branches)
+            x_in = torch.cat([x] * nb) if nb > 1 else x
+            x_in = self.scheduler.scale_model_input(x_in, t)
+            lab = torch.cat([b[0] for b in branches])
+            wts = None if plain else torch.cat([b[1] for b in branches])
+            eps = self._denoise(x_in, t, wts, lab).chunk(nb)
+            if do_cfg:
+                eps_u, eps_c = eps[0], eps[1:]
+            else:
+                eps_u, eps_c = None, eps
+            if len(eps_c) == 2:
+                lt = lam_t.to(eps_c[0].dtype)
+                cond = lt * eps_c[0] + (1 - lt) * eps_c[1]
+            else:
+                cond = eps_c[0]
+            noise_pred = cond if eps_u is None else eps_u + guidance_scale * (cond - eps_u)
+            x = self.scheduler.step(noise_pred, t, x, **step_kwargs).prev_sample
+
+        images = self._decode(x)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def build_unet(
+    num_classes: int,
+    image_size: int,
+    in_channels: int,
+    block_out_channels: Sequence[int],
+    layers_per_block: int = 1,
+    attention: bool = False,
+    norm_num_groups: int = 8,
+) -> UNet2DModel:
+    """A class-conditional :class:`~diffusers.UNet2DModel` with a ``K + 1``-row class table.
+
+    The last row (index ``K``) is the null class used for label dropout and classifier-free
+    guidance.
+    """
+    n = len(block_out_channels)
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    if attention and n >= 2:
+        down[-1] = "AttnDownBlock2D"
+        up[0] = "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=layers_per_block,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=norm_num_groups,
+        num_class_embeds=num_classes + 1,
+        attention_head_dim=8,
+    )

@@ -1,0 +1,200 @@
+"""The configuration of ``csm train`` (:class:`TrainConfig`) and its validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from csm.calibration.metrics import METRIC_NAMES
+from csm.errors import CSMError
+from csm.training.optim import SCHEDULES
+
+__all__ = ["TrainConfig", "method_params", "parse_model_options", "validate_config"]
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of ``csm train`` (every field is a ``--flag``)."""
+
+    dataset: str = field(default="digits", metadata={"help": "real dataset spec (csm data info)"})
+    synthetic: str | None = field(
+        default=None, metadata={"help": "synthetic dataset folder (csm generate/annotate)"}
+    )
+    method: str = field(
+        default="ce", metadata={"help": "training method (csm.training.methods.METHODS)"}
+    )
+    model: str = field(
+        default="cnn", metadata={"help": "architecture (csm.training.models.MODELS or hf:CFG)"}
+    )
+    model_options: list[str] = field(
+        default_factory=list,
+        metadata={"help": "architecture options as key=value (e.g. norm=group dropout=0.1)"},
+    )
+    out: str = field(default="runs/train", metadata={"help": "run directory"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of initialisation, order and augmentation"}
+    )
+    data_seed: int | None = field(
+        default=None, metadata={"help": "seed of the train/val/test split (default: seed)"}
+    )
+    image_size: int | None = field(default=None, metadata={"help": "resize real images to this"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of train held out as val"})
+    test_fraction: float = field(
+        default=0.2, metadata={"help": "share held out as test when the data has no test split"}
+    )
+    epochs: int = field(default=30, metadata={"help": "training epochs"})
+    batch_size: int = field(default=128, metadata={"help": "real images per (global) batch"})
+    eval_batch_size: int = field(default=512, metadata={"help": "images per evaluation batch"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd or adamw"})
+    lr: float = field(default=0.1, metadata={"help": "peak learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum (SGD)"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
+    schedule: str = field(default="multistep", metadata={"help": "multistep, cosine or constant"})
+    milestones: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "multistep epochs (default: 0.4 and 0.6 x epochs; paper: 80, 120 of 200)"
+        },
+    )
+    lr_decay: float = field(default=0.1, metadata={"help": "multistep factor"})
+    warmup_epochs: int = field(default=0, metadata={"help": "linear warm-up epochs"})
+    grad_clip: float = field(default=2.0, metadata={"help": "max gradient norm (0 disables)"})
+    augment: bool = field(default=True, metadata={"help": "random crop (+ flip if allowed)"})
+    crop_padding: int = field(default=4, metadata={"help": "zero padding of the random crop"})
+    hflip: bool = field(
+        default=True, metadata={"help": "horizontal flips where the dataset allows them"}
+    )
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CUDA only)"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last (CUDA only)"})
+    select_metric: str = field(
+        default="cls/Acc", metadata={"help": "val metric for model selection (ties: lower NLL)"}
+    )
+    syn_groups: int = field(
+        default=1, metadata={"help": "synthetic groups drawn per real image (CSM batches)"}
+    )
+    syn_endpoint: bool = field(
+        default=True, metadata={"help": "take each group's endpoint dominated by the real class"}
+    )
+    syn_interior: int = field(
+        default=1, metadata={"help": "random interior members taken per drawn group"}
+    )
+    # Method hyper-parameters: None means the method's own default (csm.training.methods); each
+    # method reads only the keys it accepts (csm.training.methods.method_param_names).
+    alpha: float | None = field(
+        default=None, metadata={"help": "ls smoothing / mixup family Beta(alpha) / clue alpha"}
+    )
+    gamma: float | None = field(default=None, metadata={"help": "focal, dual_focal, bsce_gra"})
+    gamma_low: float | None = field(default=None, metadata={"help": "flsd53 gamma if p_y >= thr"})
+    gamma_high: float | None = field(default=None, metadata={"help": "flsd53 gamma if p_y < thr"})
+    threshold: float | None = field(default=None, metadata={"help": "flsd53 threshold"})
+    beta: float | None = field(default=None, metadata={"help": "bsce_gra norm order"})
+    weight: float | None = field(
+        default=None, metadata={"help": "mmce/mbls/crl/regmixup/rankmixup regulariser weight"}
+    )
+    margin: float | None = field(default=None, metadata={"help": "mbls / rankmixup margin"})
+    bandwidth: float | None = field(default=None, metadata={"help": "mmce kernel bandwidth"})
+    class_reduction: str | None = field(default=None, metadata={"help": "mbls: sum or mean"})
+    mode: str | None = field(default=None, metadata={"help": "clue: batch_mean or per_sample"})
+    mc_samples: int | None = field(default=None, metadata={"help": "clue MC-dropout passes"})
+    temperature: float | None = field(default=None, metadata={"help": "refcal SupCon tau"})
+    proj_dim: int | None = field(default=None, metadata={"help": "refcal projection size"})
+    stage2_method: str | None = field(default=None, metadata={"help": "refcal stage-2 method"})
+    pretrain_fraction: float | None = field(
+        default=None, metadata={"help": "refcal share of epochs in stage 1"}
+    )
+    csm_loss: str = field(default="l2", metadata={"help": "csm synthetic loss: l2, soft_ce, kl"})
+    synthetic_weight: float | None = field(
+        default=None, metadata={"help": "csm weight of the synthetic term (paper: 1)"}
+    )
+    joint_forward: bool = field(
+        default=False, metadata={"help": "csm: real and synthetic in one forward pass"}
+    )
+    checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "stop after this many steps in total (smoke tests)"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue the run in out"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a different run in out"})
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.epochs >= 1, "--epochs", cfg.epochs, "give at least 1"),
+        (cfg.batch_size >= 1, "--batch-size", cfg.batch_size, "give at least 1"),
+        (cfg.eval_batch_size >= 1, "--eval-batch-size", cfg.eval_batch_size, "give at least 1"),
+        (cfg.optimizer in ("sgd", "adamw"), "--optimizer", cfg.optimizer, "use sgd or adamw"),
+        (
+            cfg.schedule in SCHEDULES,
+            "--schedule",
+            cfg.schedule,
+            f"use one of {', '.join(SCHEDULES)}",
+        ),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), "--lr", cfg.lr, "give a positive number"),
+        (0 <= cfg.momentum < 1, "--momentum", cfg.momentum, "give a value in [0, 1)"),
+        (cfg.weight_decay >= 0, "--weight-decay", cfg.weight_decay, "give a value >= 0"),
+        (0 < cfg.lr_decay <= 1, "--lr-decay", cfg.lr_decay, "give a value in (0, 1]"),
+        (cfg.warmup_epochs >= 0, "--warmup-epochs", cfg.warmup_epochs, "give a value >= 0"),
+        (cfg.grad_clip >= 0, "--grad-clip", cfg.grad_clip, "give a value >= 0 (0 disables)"),
+        (cfg.crop_padding >= 0, "--crop-padding", cfg.crop_padding, "give a value >= 0"),
+        (cfg.syn_groups >= 1, "--syn-groups", cfg.syn_groups, "give at least 1"),
+        (cfg.syn_interior >= 0, "--syn-interior", cfg.syn_interior, "give a value >= 0"),
+        (
+            cfg.syn_endpoint or cfg.syn_interior > 0,
+            "--syn-endpoint",
+            cfg.syn_endpoint,
+            "take the endpoint or at least one interior member",
+        ),
+        (cfg.checkpoint_every >= 1, "--checkpoint-every", cfg.checkpoint_every, "give >= 1"),
+        (cfg.max_steps is None or cfg.max_steps >= 1, "--max-steps", cfg.max_steps, "give >= 1"),
+    ]
+    for ok, flag, value, fix in checks:
+        if not ok:
+            raise CSMError(f"{flag} {value}: out of range; {fix}")
+
+    if cfg.select_metric not in METRIC_NAMES or cfg.select_metric.startswith("ood/"):
+        raise CSMError(
+            f"--select-metric {cfg.select_metric}: not a validation metric; use one of "
+            f"{', '.join(m for m in METRIC_NAMES if not m.startswith('ood/'))}"
+        )
+    if cfg.resume and cfg.overwrite:
+        raise CSMError("--resume and --overwrite: contradictory; pass only one of them")
+
+
+def parse_model_options(items: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CSMError(f"--model-options {item!r}: expected key=value; e.g. norm=group")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
+def method_params(cfg: TrainConfig) -> dict[str, Any]:
+    """The flat hyper-parameter dict handed to :func:`csm.training.methods.build_method`."""
+    keys = (
+        "alpha",
+        "gamma",
+        "gamma_low",
+        "gamma_high",
+        "threshold",
+        "beta",
+        "weight",
+        "margin",
+        "bandwidth",
+        "class_reduction",
+        "mode",
+        "mc_samples",
+        "temperature",
+        "proj_dim",
+        "stage2_method",
+        "pretrain_fraction",
+        "csm_loss",
+        "synthetic_weight",
+        "joint_forward",
+    )
+    return {k: getattr(cfg, k) for k in keys}

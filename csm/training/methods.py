@@ -1,0 +1,828 @@
+"""Train-time calibration methods: one registry the trainer drives with one interface.
+
+The trainer builds a method from its hyper-parameters and asks it for the loss of each batch::
+
+    method = build_method(cfg.method, {"gamma": cfg.gamma, "alpha": cfg.alpha, ...})
+    params = method.stage_parameters(model, stage)        # model (+ refcal projection head)
+    loss, logs = method.compute_loss(model, batch, StepState(epoch, step, stage, generator))
+    ...
+    method.on_epoch_end()
+
+* :class:`Batch` holds real images ``x`` (float, [0, 1]), integer labels ``y`` ``(N,)``, the
+  dataset ``index`` of each image ``(N,)`` (CRL keys its history by it) and, for ``csm``, the
+  synthetic images ``syn_x`` and their dense soft labels ``syn_y`` ``(M, K)``.
+* :class:`StepState` carries the epoch, step, stage (1 or 2) and the ``torch.Generator`` every
+  random choice of a method (mixup coefficients and partners) is drawn from.
+* ``logs`` maps names (``"loss"``, ``"loss/ce"``, ...) to detached 0-dim tensors; call
+  ``float()`` when writing them, so no device sync happens per step unless you log.
+* Hyper-parameters: :func:`build_method` takes a dict, drops ``None`` values and keys the method
+  does not use, and passes the rest as constructor keyword arguments, so a trainer can hand over
+  all its method flags (``--gamma``, ``--alpha``, ``--weight``, ``--margin``, ...) at once and
+  keep ``None`` as "the method's default". :func:`method_param_names` lists what each method
+  accepts, with defaults. Out-of-range values raise :class:`~csm.errors.CSMError` naming them.
+* Models expose ``model(x) -> logits``, ``model.forward_features(x) -> (N, D)`` and
+  ``model.head`` (the last ``nn.Linear``); methods that need features use them.
+* Methods with state to checkpoint (CRL history, RefCal projection) implement
+  ``state_dict()`` / ``load_state_dict()``; save them with the trainer's checkpoint.
+* ``refcal`` has ``stages = 2``: stage 1 is :meth:`RefCalMethod.pretrain_loss` (also what
+  ``compute_loss`` returns when ``state.stage == 1``), stage 2 trains ``model.head`` on the
+  frozen encoder with the method named by ``stage2_method``. :meth:`RefCalMethod.stage_epochs`
+  splits the epoch budget.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Tiny(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body, self.head = nn.Flatten(), nn.Linear(4, 3)
+    ...     def forward_features(self, x):
+    ...         return self.body(x)
+    ...     def forward(self, x):
+    ...         return self.head(self.forward_features(x))
+    >>> method = build_method("focal", {"gamma": 2.0, "alpha": None})
+    >>> batch = Batch(torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1]), torch.arange(5))
+    >>> loss, logs = method.compute_loss(Tiny(), batch, StepState())
+    >>> loss.ndim, sorted(logs)
+    (0, ['loss'])
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from csm.errors import CSMError
+from csm.training.batch_transforms import Mixup, RankMixupTransform, RegMixupTransform
+from csm.training.losses import (
+    LOSSES,
+    BrierScore,
+    CalibrationLoss,
+    ClueLoss,
+    CrossEntropy,
+    KLDivergence,
+    check_choice,
+    check_range,
+    correctness_ranking_loss,
+    supcon_loss,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METHODS",
+    "Batch",
+    "CorrectnessHistory",
+    "Method",
+    "StepState",
+    "PARAM_HELP",
+    "all_method_params",
+    "build_method",
+    "method_param_names",
+    "unwrap",
+]
+
+
+# --------------------------------------------------------------------------- data passed in
+@dataclass
+class Batch:
+    """One training batch.
+
+    Attributes:
+        x: ``(N, C, H, W)`` float real images in [0, 1] (already augmented by the trainer).
+        y: ``(N,)`` int64 labels (or ``(N, K)`` dense targets).
+        index: ``(N,)`` int64 dataset indices of the real images (CRL history key).
+        syn_x: ``(M, C, H, W)`` synthetic images, or None.
+        syn_y: ``(M, K)`` float soft labels of the synthetic images, or None.
+    """
+
+    x: Tensor
+    y: Tensor
+    index: Tensor | None = None
+    syn_x: Tensor | None = None
+    syn_y: Tensor | None = None
+
+
+@dataclass
+class StepState:
+    """Where the trainer is; ``generator`` is the source of every random choice of a method."""
+
+    epoch: int = 0
+    step: int = 0
+    stage: int = 1
+    generator: torch.Generator | None = None
+
+
+def _detach(logs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in logs.items()}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user model inside a ``DistributedDataParallel`` (or similar ``.module``) wrapper."""
+    while isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "head"):
+        model = model.module
+    return model
+
+
+def _num_classes(model: nn.Module) -> int:
+    head = getattr(unwrap(model), "head", None)
+    k = getattr(head, "out_features", None)
+    if k is None:
+        raise ValueError("model: expected model.head to be the final nn.Linear (out_features = K)")
+    return int(k)
+
+
+def _dense_labels(y: Tensor, model: nn.Module) -> Tensor:
+    if y.is_floating_point():
+        return y.float()
+    return F.one_hot(y.long(), _num_classes(model)).float()
+
+
+# --------------------------------------------------------------------------- base class
+class Method:
+    """Base class of a train-time method; see the module docstring for the protocol."""
+
+    name: ClassVar[str] = ""
+    needs_synthetic: ClassVar[bool] = False
+    stages: ClassVar[int] = 1
+
+    # -- construction from a flat hyper-parameter dict ---------------------------------------
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        """Hyper-parameters this method accepts, mapped to their defaults."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            n: p.default
+            for n, p in sig.parameters.items()
+            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None = None) -> Method:
+        """Build from a flat dict, ignoring ``None`` values and keys this method does not use."""
+        accepted = cls.param_defaults()
+        kwargs = {k: v for k, v in (params or {}).items() if k in accepted and v is not None}
+        return cls(**kwargs)
+
+    def hparams(self) -> dict[str, Any]:
+        """The resolved hyper-parameters (for run records)."""
+        return {k: getattr(self, k) for k in self.param_defaults() if hasattr(self, k)}
+
+    # -- training protocol -------------------------------------------------------------------
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, state: StepState | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return the scalar loss of a batch and detached logs."""
+        raise NotImplementedError  # pragma: no cover
+
+    def extra_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules owned by the method that the trainer must optimise (built on first call)."""
+        return []
+
+    def stage_parameters(self, model: nn.Module, stage: int = 1) -> list[nn.Parameter]:
+        """Parameters to optimise in a stage: the model's plus the method's extra modules."""
+        params = list(model.parameters())
+        for module in self.extra_modules(model):
+            params.extend(module.parameters())
+        return params
+
+    def on_epoch_end(self) -> None:
+        """Hook called by the trainer after every epoch (methods without epoch state ignore it)."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors to checkpoint with the trainer state (empty for stateless methods)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{self.name}: unexpected method state keys {sorted(state)}")
+
+
+def _check_synthetic(batch: Batch, name: str) -> None:
+    if batch.syn_x is None or batch.syn_y is None:
+        raise CSMError(
+            f"synthetic: method {name!r} needs synthetic images; pass --synthetic DIR "
+            "(a dataset written by `csm generate`)"
+        )
+
+
+# --------------------------------------------------------------------------- plain losses
+class LossMethod(Method):
+    """A method that is just a loss on ``model(x)``: ``loss_cls`` from
+    :data:`csm.training.losses.LOSSES`.
+
+    The constructor takes the loss's own keyword arguments.
+    """
+
+    loss_cls: ClassVar[type[CalibrationLoss]] = CrossEntropy
+
+    def __init__(self, **params: Any) -> None:
+        accepted = self.param_defaults()
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            raise CSMError(
+                f"{self.name}: unknown hyper-parameter {unknown[0]!r}; "
+                f"accepted: {', '.join(accepted) or 'none'}"
+            )
+        self.loss = self.loss_cls(**params)
+        for k in accepted:
+            setattr(self, k, getattr(self.loss, k))
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        sig = inspect.signature(cls.loss_cls.__init__)
+        return {
+            n: p.default
+            for n, p in sig.parameters.items()
+            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, state: StepState | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = self.loss(model(batch.x), batch.y)
+        return loss, _detach({"loss": loss})
+
+
+def _loss_method(name: str, loss_name: str, doc: str) -> type[LossMethod]:
+    cls = type(
+        f"{LOSSES[loss_name].__name__}Method",
+        (LossMethod,),
+        {"name": name, "loss_cls": LOSSES[loss_name], "__doc__": doc, "__module__": __name__},
+    )
+    return cls
+
+
+CEMethod = _loss_method("ce", "ce", "Cross-entropy on the real images.")
+LSMethod = _loss_method("ls", "ls", "Label smoothing (alpha = 0.1), see LabelSmoothing.")
+BrierMethod = _loss_method("brier", "brier", "Multi-class Brier score, see BrierScore.")
+FocalMethod = _loss_method("focal", "focal", "Focal loss (gamma = 3), see FocalLoss.")
+FLSD53Method = _loss_method("flsd53", "flsd53", "Sample-dependent focal loss FLSD-53.")
+DualFocalMethod = _loss_method("dual_focal", "dual_focal", "Dual focal loss (gamma = 2).")
+BSCEGRAMethod = _loss_method("bsce_gra", "bsce_gra", "BSCE-GRA (beta = 2, gamma = 2).")
+MMCEMethod = _loss_method("mmce", "mmce", "Cross-entropy + 2 * MMCE, see MMCELoss.")
+MbLSMethod = _loss_method("mbls", "mbls", "Margin-based label smoothing (m = 10, 0.1).")
+
+
+# --------------------------------------------------------------------------- CLUE
+def _has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+class ClueMethod(Method):
+    """CLUE (arXiv 2505.22803): align the loss with the predictive uncertainty.
+
+    ``u`` is the entropy of the MC-dropout average of ``mc_samples`` stochastic forward passes
+    when the model has active dropout in training mode (the first pass also gives the loss);
+    without dropout every pass is identical, so one pass is used. See
+    :class:`csm.training.losses.ClueLoss` for ``alpha`` and ``mode``.
+
+    Args:
+        alpha: weight of the error term in [0, 1] (0.5, [unverified]).
+        mode: ``"batch_mean"`` (default) or ``"per_sample"``.
+        mc_samples: stochastic passes for ``u`` when dropout exists, >= 1.
+    """
+
+    name = "clue"
+
+    def __init__(self, alpha: float = 0.5, mode: str = "batch_mean", mc_samples: int = 4) -> None:
+        self.loss = ClueLoss(alpha=alpha, mode=mode)
+        self.alpha, self.mode = self.loss.alpha, self.loss.mode
+        self.mc_samples = int(check_range("mc_samples", mc_samples, 1.0))
+        self._dropout_cache: dict[int, bool] = {}
+
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, state: StepState | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = model(batch.x)
+        key = id(model)
+        if key not in self._dropout_cache:
+            self._dropout_cache[key] = _has_dropout(model)
+        mc_probs = None
+        if self.mc_samples > 1 and model.training and self._dropout_cache[key]:
+            probs = F.softmax(logits.float(), dim=1)
+            for _ in range(self.mc_samples - 1):
+                probs = probs + F.softmax(model(batch.x).float(), dim=1)
+            mc_probs = probs / self.mc_samples
+        loss = self.loss(logits, batch.y, mc_probs=mc_probs)
+        return loss, _detach({"loss": loss})
+
+
+# --------------------------------------------------------------------------- CRL
+class CorrectnessHistory:
+    """Per-sample correctness counts keyed by dataset index (grows to the largest index seen).
+
+    ``frequency(i) = times correct / times seen`` (0 for unseen samples): the running
+    correctness frequency over epochs of CRL. Under multi-process training each process keeps
+    the history of the samples it sees.
+    """
+
+    def __init__(self) -> None:
+        self.correct = torch.zeros(0, dtype=torch.float64)
+        self.seen = torch.zeros(0, dtype=torch.float64)
+
+    def _grow(self, index: Tensor) -> None:
+        if self.correct.device != index.device:
+            self.correct, self.seen = self.correct.to(index.device), self.seen.to(index.device)
+        needed = int(index.max().item()) + 1 if index.numel() else 0
+        if needed > self.correct.numel():
+            pad = needed - self.correct.numel()
+            zeros = torch.zeros(pad, dtype=torch.float64, device=index.device)
+            self.correct = torch.cat([self.correct, zeros])
+            self.seen = torch.cat([self.seen, zeros.clone()])
+
+    def frequency(self, index: Tensor) -> Tensor:
+        """Correctness frequency of the samples ``index`` (float64)."""
+        self._grow(index)
+        seen = self.seen[index]
+        return torch.where(
+            seen > 0, self.correct[index] / seen.clamp_min(1), torch.zeros_like(seen)
+        )
+
+    def update(self, index: Tensor, correct: Tensor) -> None:
+        """Record whether each sample ``index`` was classified correctly."""
+        self._grow(index)
+        self.correct.index_add_(0, index, correct.to(self.correct))
+        self.seen.index_add_(0, index, torch.ones_like(self.seen[index]))
+
+
+class CRLMethod(Method):
+    """Correctness Ranking Loss (Moon et al., "Confidence-Aware Learning for Deep Neural
+    Networks", ICML 2020): ``CE + weight * correctness_ranking_loss``.
+
+    The ranking term uses the correctness frequencies from before this step; the step's
+    correctness is recorded afterwards. Needs ``batch.index``.
+
+    Args:
+        weight: lambda >= 0 (default 1).
+    """
+
+    name = "crl"
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.weight = check_range("weight", weight, 0.0)
+        self.ce = CrossEntropy()
+        self.history = CorrectnessHistory()
+
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, state: StepState | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if batch.index is None:
+            raise ValueError("batch.index: crl needs the dataset index of every image")
+        logits = model(batch.x).float()
+        ce = self.ce(logits, batch.y)
+        conf, pred = F.softmax(logits, dim=1).max(dim=1)
+        index = batch.index.long()
+        rank = correctness_ranking_loss(conf, self.history.frequency(index))
+        labels = batch.y.argmax(dim=1) if batch.y.is_floating_point() else batch.y
+        self.history.update(index, (pred == labels).detach())
+        loss = ce + self.weight * rank
+        return loss, _detach({"loss": loss, "loss/ce": ce, "loss/rank": rank})
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"correct": self.history.correct.cpu(), "seen": self.history.seen.cpu()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        self.history.correct = state["correct"].to(torch.float64).clone()
+        self.history.seen = state["seen"].to(torch.float64).clone()
+
+
+# --------------------------------------------------------------------------- mixup family
+class MixupMethod(Method):
+    """Mixup (Zhang et al., ICLR 2018): soft cross-entropy on mixed images and mixed targets.
+
+    Args:
+        alpha: Beta(alpha, alpha) concentration > 0 (default 0.2).
+    """
+
+    name = "mixup"
+    transform_cls: ClassVar[type[Mixup]] = Mixup
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.transform = self.transform_cls(alpha)
+        self.alpha = self.transform.alpha
+        self.ce = CrossEntropy()
+
+    def _mix(
+        self, model: nn.Module, batch: Batch, state: StepState | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y = _dense_labels(batch.y, model)
+        generator = state.generator if state is not None else None
+        x_mixed, y_mixed = self.transform(batch.x, y, generator)
+        return y, x_mixed, y_mixed
+
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, state: StepState | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        _, x_mixed, y_mixed = self._mix(model, batch, state)
+        loss = self.ce(model(x_mixed), y_mixed)
+        return loss, _detach({"loss": loss})
+
+
+class RegMixupMethod(MixupMethod):
+    """RegMixup (Pinto et al., NeurIPS 2022): ``CE(clean) + weight * CE(mixed)``.
+
+    Clean and mixed images go through the model in one concatenated batch.
+
+    Args:
+        alpha: Beta concentration > 0 (default 10).
+        weight: eta >= 0 (default 1).
+    """
+
+    name = "regmixup"
+    transform_cls = RegMixupTransform
+
+    def __init__(self, alpha: float = 10.0, weight: float = 1.0) -> None:
+        super().__init__(alpha)
+        self.weight = check_range("weight", weight, 0.0)
+
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, state: StepState | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        y, x_mixed, y_mixed = self._mix(model, batch, state)
+        n = batch.x.shape[0]
+        logits = model(torch.cat([batch.x, x_mixed]))
+        clean = self.ce(logits[:n], batch.y)
+        mixed = self.ce(logits[n:], y_mixed)
+        loss = clean + self.weight * mixed
+        return loss, _detach({"loss": loss, "loss/clean": clean, "loss/mixed": mixed})
+
+
+class RankMixupMethod(MixupMethod):
+    """RankMixup (Noh et al., ICCV 2023) with the mixup ranking loss (MRL).
+
+    ``CE(clean) + weight * mean_i ReLU(max_k z~_ik - max_k z_ik + margin)``: the top logit of a
+    mixed image must sit at least ``margin`` below that of its clean source ``i`` (the image
+    carrying weight ``lam``). The M-NDCG variant is not implemented.
+
+    Args:
+        alpha: Beta concentration > 0 (default 1.0, [unverified]).
+        margin: m >= 0 (default 2).
+        weight: w >= 0 (default 0.1).
+    """
+
+    name = "rankmixup"
+    transform_cls = RankMixupTransform
+
+    def __init__(self, alpha: float = 1.0, margin: float = 2.0, weight: float = 0.1) -> None:
+        super().__init__(alpha)
+        self.margin = check_range("margin", margin, 0.0)
+        self.weight = check_range("weight", weight, 0.0)
+
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, state: StepState | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        _, x_mixed, _ = self._mix(model, batch, state)
+        n = batch.x.shape[0]
+        logits = model(torch.cat([batch.x, x_mixed])).float()
+        clean = self.ce(logits[:n], batch.y)
+        gap = logits[n:].max(dim=1).values - logits[:n].max(dim=1).values
+        mrl = F.relu(gap + self.margin).mean()
+        loss = clean + self.weight * mrl
+        return loss, _detach({"loss": loss, "loss/ce": clean, "loss/mrl": mrl})
+
+
+# --------------------------------------------------------------------------- CSM
+CSM_LOSSES: dict[str, type[CalibrationLoss]] = {
+    "l2": BrierScore,
+    "soft_ce": CrossEntropy,
+    "kl": KLDivergence,
+}
+"""Loss on the synthetic part of a CSM batch."""
+
+
+class CSMMethod(Method):
+    """Calibration-aware semantic mixing (Luo et al., ICML 2025, arXiv 2504.13548).
+
+    ``L = CE(z_real, y) + synthetic_weight * (1/M) sum_i loss(z_syn_i, soft_label_i)`` with
+    ``csm_loss`` ``"l2"`` (multi-class Brier to the soft labels, the paper's choice),
+    ``"soft_ce"`` or ``"kl"``. Real and synthetic images pass through the model separately
+    (paper default; BatchNorm statistics per part) or as one concatenated batch
+    (``joint_forward=True``).
+
+    Args:
+        csm_loss: ``"l2"``, ``"soft_ce"`` or ``"kl"``.
+        synthetic_weight: weight of the synthetic term >= 0 (paper: 1).
+        joint_forward: forward real and synthetic together.
+    """
+
+    name = "csm"
+    needs_synthetic = True
+
+    def __init__(
+        self, csm_loss: str = "l2", synthetic_weight: float = 1.0, joint_forward: bool = False
+    ) -> None:
+        self.csm_loss = check_choice("csm_loss", csm_loss, tuple(CSM_LOSSES))
+        self.synthetic_weight = check_range("synthetic_weight", synthetic_weight, 0.0)
+        self.joint_forward = bool(joint_forward)
+        self.real_loss = CrossEntropy()
+        self.syn_loss = CSM_LOSSES[self.csm_loss]()
+
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, state: StepState | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        _check_synthetic(batch, self.name)
+        if self.joint_forward:
+            n = batch.x.shape[0]
+            logits = model(torch.cat([batch.x, batch.syn_x.to(batch.x.dtype)]))
+            real_logits, syn_logits = logits[:n], logits[n:]
+        else:
+            real_logits, syn_logits = model(batch.x), model(batch.syn_x)
+        real = self.real_loss(real_logits, batch.y)
+        syn = self.syn_loss(syn_logits, batch.syn_y)
+        loss = real + self.synthetic_weight * syn
+        return loss, _detach({"loss": loss, "loss/real": real, "loss/synthetic": syn})
+
+
+# --------------------------------------------------------------------------- RefCal
+class _FrozenEncoder(nn.Module):
+    """View of a model whose encoder is frozen (eval mode, no grad) and whose head trains."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        model = unwrap(model)
+        self.__dict__["_encoder"] = model  # not registered: only the head is a submodule
+        self.head = model.head
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        encoder = self.__dict__["_encoder"]
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            with torch.no_grad():
+                feats = encoder.forward_features(x)
+        finally:
+            encoder.train(was_training)
+        return feats.detach()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x))
+
+
+class RefCalMethod(Method):
+    """RefCal (arXiv 2605.23249): refinement-first training in two stages.
+
+    Stage 1 trains the encoder with the supervised contrastive loss (Khosla et al., 2020;
+    tau = ``temperature``) on two augmented views of each image, through an L2-normalised
+    projection head ``Linear(D, D) -> ReLU -> Linear(D, proj_dim)`` owned by the method (returned
+    by :meth:`extra_modules`; the trainer optimises it with the model). The paper derives this
+    loss from the refinement objective
+    ``sum_i [min_p 1/2 ||z_i - z_p||^2 - min_n 1/2 ||z_i - z_n||^2]``. Stage 2 trains
+    ``model.head`` on the frozen encoder (eval mode, no gradient) with ``stage2_method``
+    (any method but refcal: ce, ls, mmce, crl, ...), whose hyper-parameters come from the same
+    flat dict (:meth:`from_params`).
+
+    Multi-process training: the encoder and head are reached through :func:`unwrap` (outside
+    the ``DistributedDataParallel`` forward), stage 1 leaves the head unused and stage 2 the
+    encoder, and the projection head is not part of the model. A distributed trainer therefore
+    needs ``find_unused_parameters=True`` and must synchronise the projection's gradients
+    (e.g. ``accelerator.prepare`` it too); the simple alternative is running refcal in one
+    process.
+
+    Args:
+        temperature: SupCon tau > 0 (default 0.1).
+        proj_dim: projection size >= 1 (default 128).
+        stage2_method: method for stage 2 (default ``"ce"``).
+        pretrain_fraction: share of the epochs spent in stage 1, in (0, 1) (default 0.5).
+        stage2_params: hyper-parameters of the stage-2 method.
+    """
+
+    name = "refcal"
+    stages = 2
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        proj_dim: int = 128,
+        stage2_method: str = "ce",
+        pretrain_fraction: float = 0.5,
+        stage2_params: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.temperature = check_range("temperature", temperature, 0.0, low_open=True)
+        self.proj_dim = int(check_range("proj_dim", proj_dim, 1.0))
+        self.pretrain_fraction = check_range(
+            "pretrain_fraction", pretrain_fraction, 0.0, 1.0, low_open=True
+        )
+        if self.pretrain_fraction >= 1.0:
+            raise CSMError(
+                f"pretrain_fraction={self.pretrain_fraction}: out of range; must be "
+                "< 1 so stage 2 gets epochs"
+            )
+        choices = tuple(n for n in METHODS if n != "refcal")
+        self.stage2_method = check_choice("stage2_method", stage2_method, choices)
+        self.inner = METHODS[self.stage2_method].from_params(stage2_params)
+        self.needs_synthetic = self.inner.needs_synthetic  # type: ignore[misc]
+        self.projection: nn.Module | None = None
+        self._pending: dict[str, Tensor] = {}
+        self.augment: Callable[[Tensor], Tensor] | None = None
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        params = super().param_defaults()
+        params.pop("stage2_params")
+        return params
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None = None) -> Method:
+        """Own keys build RefCal; the whole dict also goes to the stage-2 method."""
+        params = dict(params or {})
+        own = {k: v for k, v in params.items() if k in cls.param_defaults() and v is not None}
+        return cls(**own, stage2_params=params)
+
+    def hparams(self) -> dict[str, Any]:
+        return {**super().hparams(), "stage2": self.inner.hparams()}
+
+    def stage_epochs(self, total_epochs: int) -> tuple[int, int]:
+        """Split ``total_epochs`` into (stage 1, stage 2) epochs, each at least 1."""
+        if total_epochs < 2:
+            raise CSMError(f"epochs={total_epochs}: refcal needs at least 2 epochs (one per stage)")
+        first = min(max(1, round(total_epochs * self.pretrain_fraction)), total_epochs - 1)
+        return first, total_epochs - first
+
+    def extra_modules(self, model: nn.Module) -> list[nn.Module]:
+        if self.projection is None:
+            head = unwrap(model).head
+            dim = int(head.in_features)
+            ref = head.weight
+            self.projection = nn.Sequential(
+                nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, self.proj_dim)
+            ).to(device=ref.device, dtype=ref.dtype)
+            if self._pending:
+                self.projection.load_state_dict(self._pending)
+                self._pending = {}
+        return [self.projection]
+
+    def stage_parameters(self, model: nn.Module, stage: int = 1) -> list[nn.Parameter]:
+        if stage == 1:
+            return super().stage_parameters(model, 1)
+        params = list(unwrap(model).head.parameters())
+        for module in self.inner.extra_modules(_FrozenEncoder(model)):
+            params.extend(module.parameters())
+        return params
+
+    def pretrain_loss(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        augment: Callable[[Tensor], Tensor] | None = None,
+        state: StepState | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Stage-1 SupCon loss on two augmented views of ``batch.x``.
+
+        Args:
+            model: the classifier (its ``forward_features`` is the encoder).
+            batch: real images and integer labels.
+            augment: ``augment(x) -> x'`` random augmentation (the trainer binds its generator);
+                defaults to ``self.augment``.
+            state: unused; accepted for symmetry with :meth:`compute_loss`.
+
+        Returns:
+            ``(loss, logs)``.
+        """
+        augment = augment if augment is not None else self.augment
+        if augment is None:
+            raise ValueError(
+                "augment: refcal stage 1 needs an augmentation callable "
+                "(pass augment= or set method.augment)"
+            )
+        projection = self.extra_modules(model)[0]
+        views = torch.cat([augment(batch.x), augment(batch.x)])
+        feats = unwrap(model).forward_features(views)
+        if projection[0].weight.device != feats.device:
+            projection.to(feats.device)  # in place: the optimizer keeps the same parameters
+        z = F.normalize(projection(feats).float(), dim=1)
+        labels = batch.y.argmax(dim=1) if batch.y.is_floating_point() else batch.y
+        loss = supcon_loss(z, torch.cat([labels, labels]), self.temperature)
+        return loss, _detach({"loss": loss, "loss/supcon": loss})
+
+    def compute_loss(
+        self, model: nn.Module, batch: Batch, state: StepState | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if state is not None and state.stage == 1:
+            return self.pretrain_loss(model, batch, state=state)
+        frozen = _FrozenEncoder(model)
+        frozen.train(model.training)
+        return self.inner.compute_loss(frozen, batch, state)
+
+    def on_epoch_end(self) -> None:
+        self.inner.on_epoch_end()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
+        if self.projection is not None:
+            state.update(
+                {
+                    f"projection.{k}": v.detach().cpu()
+                    for k, v in self.projection.state_dict().items()
+                }
+            )
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        proj = {k[len("projection.") :]: v for k, v in state.items() if k.startswith("projection.")}
+        inner = {k[len("inner.") :]: v for k, v in state.items() if k.startswith("inner.")}
+        self.inner.load_state_dict(inner)
+        if self.projection is not None:
+            self.projection.load_state_dict(proj)
+        else:
+            self._pending = proj
+
+
+# --------------------------------------------------------------------------- registry
+METHODS: dict[str, type[Method]] = {
+    "ce": CEMethod,
+    "ls": LSMethod,
+    "brier": BrierMethod,
+    "focal": FocalMethod,
+    "flsd53": FLSD53Method,
+    "dual_focal": DualFocalMethod,
+    "bsce_gra": BSCEGRAMethod,
+    "mmce": MMCEMethod,
+    "mbls": MbLSMethod,
+    "crl": CRLMethod,
+    "mixup": MixupMethod,
+    "regmixup": RegMixupMethod,
+    "rankmixup": RankMixupMethod,
+    "clue": ClueMethod,
+    "refcal": RefCalMethod,
+    "csm": CSMMethod,
+}
+"""Method name -> class. Build with :func:`build_method`."""
+
+
+def _method_cls(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise CSMError(
+            f"method={name!r}: unknown method; choose one of {', '.join(METHODS)}"
+        ) from None
+
+
+def method_param_names(name: str) -> dict[str, Any]:
+    """Hyper-parameters of method ``name`` with their defaults (``{}`` for ce and brier).
+
+    RefCal additionally forwards the flat dict to its ``stage2_method``, so the stage-2
+    method's parameters also apply to it.
+    """
+    return _method_cls(name).param_defaults()
+
+
+def build_method(name: str, params: Mapping[str, Any] | None = None) -> Method:
+    """Build method ``name`` from a flat hyper-parameter dict.
+
+    ``None`` values and keys the method does not accept are ignored, so a trainer can pass all
+    its method options at once.
+
+    Raises:
+        CSMError: unknown method or an out-of-range hyper-parameter.
+    """
+    method = _method_cls(name).from_params(params)
+    logger.debug("method %s with %s", name, method.hparams())
+    return method
+
+
+PARAM_HELP: dict[str, str] = {
+    "alpha": "ls smoothing (0.1) / mixup Beta alpha (0.2; regmixup 10, rankmixup 1) / clue "
+    "error weight (0.5); None = the method's default",
+    "gamma": "focal gamma (3; dual_focal 2, bsce_gra 2), >= 0",
+    "gamma_low": "flsd53 gamma when p_y >= threshold (3)",
+    "gamma_high": "flsd53 gamma when p_y < threshold (5)",
+    "threshold": "flsd53 probability threshold (0.2)",
+    "beta": "bsce_gra norm order (2), > 0",
+    "weight": "regulariser weight: mmce 2, mbls 0.1, crl 1, regmixup eta 1, rankmixup 0.1",
+    "bandwidth": "mmce Laplacian kernel width (0.4)",
+    "margin": "mbls logit margin (10) / rankmixup margin (2)",
+    "class_reduction": "mbls penalty over classes: sum (paper) or mean (reference code)",
+    "mode": "clue statistic alignment: batch_mean or per_sample",
+    "mc_samples": "clue MC-dropout passes when the model has dropout (4)",
+    "temperature": "refcal stage-1 SupCon temperature (0.1)",
+    "proj_dim": "refcal projection head output size (128)",
+    "stage2_method": "refcal stage-2 method on the frozen encoder (ce, ls, mmce, crl, ...)",
+    "pretrain_fraction": "refcal share of epochs in stage 1 (0.5)",
+    "csm_loss": "csm loss on synthetic soft labels: l2 (paper), soft_ce or kl",
+    "synthetic_weight": "csm weight of the synthetic term (1)",
+    "joint_forward": "csm: forward real and synthetic as one batch (default: separately)",
+}
+"""One-line help for every method hyper-parameter name (for trainer flags)."""
+
+
+def all_method_params() -> dict[str, tuple[type, str]]:
+    """Every hyper-parameter name used by any method -> ``(type, help)``.
+
+    A trainer can declare one optional config field per name (default None = the method's
+    default) and pass them all to :func:`build_method`.
+    """
+    out: dict[str, tuple[type, str]] = {}
+    for cls in METHODS.values():
+        for name, default in cls.param_defaults().items():
+            out.setdefault(name, (type(default), PARAM_HELP[name]))
+    return out

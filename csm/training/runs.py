@@ -1,0 +1,254 @@
+"""The run folder of ``csm train``: the one place that writes and reads it.
+
+Layout (``out``)::
+
+    config.yaml         resolved TrainConfig
+    class_names.json    class names, index = label
+    model.json          architecture + build kwargs (csm.training.models.model_spec)
+    model.safetensors   weights of the best epoch on val
+    metrics.csv         one row per epoch: stage, step, lr, train loss, val metrics, time
+    run.json            method, model, dataset, seed, status, best_epoch, best val metrics
+    checkpoints/        resume state
+
+:func:`save_run` writes a finished run's files, :func:`load_run` reloads one (model in eval mode on
+the CPU), :func:`prepare_run_dir` checks an ``out`` folder against ``--resume``/``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from csm.config import config_to_dict, load_config
+from csm.errors import CSMError
+from csm.training.config import TrainConfig
+from csm.training.models import ImageClassifier, build_model_from_spec
+from csm.utils import atomic_path, atomic_write_text
+
+__all__ = [
+    "RUN_FILES",
+    "RUN_IDENTITY",
+    "LoadedRun",
+    "load_run",
+    "prepare_run_dir",
+    "read_json",
+    "real_data_for",
+    "remove_run",
+    "save_weights",
+    "write_json",
+    "write_metrics_csv",
+]
+
+
+RUN_FILES = (
+    "config.yaml",
+    "class_names.json",
+    "model.json",
+    "model.safetensors",
+    "metrics.csv",
+    "run.json",
+)
+
+
+@dataclass
+class LoadedRun:
+    """A finished training run.
+
+    Attributes:
+        model: The best-on-val model, in eval mode, on the CPU.
+        config: The resolved :class:`TrainConfig` the run was trained with.
+        class_names: Class names, index = label.
+        run_dir: The run directory.
+        info: Contents of ``run.json`` (method, best_epoch, val metrics, ...).
+    """
+
+    model: ImageClassifier
+    config: TrainConfig
+    class_names: list[str]
+    run_dir: Path = Path(".")
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def load_run(run_dir: str | os.PathLike) -> LoadedRun:
+    """Reload a run directory written by :func:`train`.
+
+    Args:
+        run_dir: The ``out`` folder of a training run.
+
+    Returns:
+        A :class:`LoadedRun` whose model is in eval mode on the CPU.
+
+    Raises:
+        CSMError: The folder, its weights or its model description are missing or unreadable.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CSMError(f"{run_dir}: run directory not found; pass the --out folder of csm train")
+    for name in ("config.yaml", "class_names.json", "model.json", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise CSMError(
+                f"{run_dir}: {name} missing; the run did not finish an epoch - "
+                "finish it with `csm train --resume` or retrain"
+            )
+    config = load_config(TrainConfig, run_dir / "config.yaml")
+    class_names = read_json(run_dir / "class_names.json")
+    spec = read_json(run_dir / "model.json")
+    model = build_model_from_spec(spec)
+    try:
+        state = load_file(str(run_dir / "model.safetensors"))
+    except Exception as err:  # safetensors raises several types for corrupt files
+        raise CSMError(f"{run_dir / 'model.safetensors'}: unreadable ({err}); retrain") from err
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CSMError(
+            f"{run_dir / 'model.safetensors'}: weights do not match model.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); retrain the run"
+        )
+    info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    return LoadedRun(model.eval(), config, list(class_names), run_dir, info)
+
+
+def real_data_for(cfg: TrainConfig):
+    """Load the real dataset exactly as the run with config ``cfg`` saw it (same splits)."""
+    from csm.data.real import load_real
+
+    return load_real(
+        cfg.dataset,
+        image_size=cfg.image_size,
+        seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+    )
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CSMError(f"{path}: unreadable ({err}); retrain the run") from err
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+RUN_IDENTITY = (
+    "dataset",
+    "synthetic",
+    "method",
+    "model",
+    "model_options",
+    "seed",
+    "data_seed",
+    "image_size",
+    "val_fraction",
+    "test_fraction",
+)
+
+
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
+    """Check ``out`` against ``resume``/``overwrite``; returns (dir, resuming)."""
+    out = Path(cfg.out)
+    ckpt = out / "checkpoints" / "last.pt"
+    existing = out.is_dir() and any(out.iterdir())
+    if not existing:
+        return out, False
+    if not (out / "config.yaml").is_file():
+        raise CSMError(
+            f"--out {out}: folder is not empty and holds no training run; choose another --out "
+            "(--overwrite only replaces a training run)"
+        )
+    if cfg.overwrite:
+        return out, False
+    old = load_config(TrainConfig, out / "config.yaml")
+    if cfg.resume:
+        diffs = [
+            k
+            for k in config_to_dict(cfg)
+            if k
+            not in (
+                "resume",
+                "overwrite",
+                "epochs",
+                "max_steps",
+                "checkpoint_every",
+                "eval_batch_size",
+            )
+            and getattr(old, k) != getattr(cfg, k)
+        ]
+        if diffs:
+            raise CSMError(
+                f"--out {out}: --resume with different settings ({', '.join(diffs)}); "
+                "resume with the original options or pass --overwrite"
+            )
+        return out, ckpt.is_file()
+    same = all(getattr(old, k) == getattr(cfg, k) for k in RUN_IDENTITY)
+    what = "the same run" if same else "a different run"
+    raise CSMError(
+        f"--out {out}: already holds {what} ({old.method}/{old.model} on {old.dataset}); "
+        "pass --resume to continue it or --overwrite to replace it"
+    )
+
+
+def remove_run(out: Path) -> None:
+    """Delete the files of a training run (only those; other files in ``out`` stay)."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    method: Any,
+    epoch: int,
+    rows: list[dict[str, Any]],
+    best: dict[str, float] | None,
+    best_epoch: int,
+    global_step: int,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "method": method.state_dict() if hasattr(method, "state_dict") else None,
+        "rows": rows,
+        "best": best,
+        "best_epoch": best_epoch,
+        "global_step": global_step,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

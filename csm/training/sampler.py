@@ -1,0 +1,157 @@
+"""The synthetic half of CSM batches: which synthetic images go with which real ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from csm.errors import CSMError
+from csm.training.config import TrainConfig
+
+__all__ = ["SyntheticSampler", "check_synthetic_matches", "load_synthetic_for"]
+
+
+class SyntheticSampler:
+    """Draw the synthetic part of CSM batches (Luo et al., ICML 2025, section 3).
+
+    For every real image of class ``y``: ``groups`` synthetic groups whose pair ``(a, b)``
+    contains ``y`` are drawn uniformly (with replacement); from each, the endpoint dominated by
+    ``y`` (the member with the largest λ if ``y == a``, the smallest if ``y == b``) when
+    ``endpoint`` is set, plus ``interior`` distinct random interior members (0 < rank < G-1 in
+    λ order). The paper uses one group, the endpoint and one interior member.
+
+    Args:
+        group_id: ``(N,)`` group of every synthetic image.
+        lam: ``(N,)`` generation ratio (weight of ``class_a``).
+        class_a: ``(N,)`` first class of the pair.
+        class_b: ``(N,)`` second class of the pair.
+        num_classes: K.
+        groups: Groups drawn per real image.
+        endpoint: Take the endpoint dominated by the real image's class.
+        interior: Interior members taken per drawn group.
+
+    Raises:
+        CSMError: A class appears in no group, or groups have too few interior members.
+    """
+
+    def __init__(
+        self,
+        group_id: torch.Tensor,
+        lam: torch.Tensor,
+        class_a: torch.Tensor,
+        class_b: torch.Tensor,
+        num_classes: int,
+        groups: int = 1,
+        endpoint: bool = True,
+        interior: int = 1,
+    ) -> None:
+        self.groups, self.endpoint, self.interior = groups, endpoint, interior
+        # sort rows by (group, lam): lam first, then a stable sort by group
+        order = torch.argsort(lam, stable=True)
+        order = order[torch.argsort(group_id[order], stable=True)]
+        uniq, inverse, counts = torch.unique_consecutive(
+            group_id[order], return_inverse=True, return_counts=True
+        )
+        n_groups = uniq.numel()
+        max_size = int(counts.max()) if n_groups else 0
+        starts = torch.cumsum(counts, 0) - counts
+        members = torch.full((n_groups, max_size), -1, dtype=torch.long)
+        members[inverse, torch.arange(order.numel()) - starts[inverse]] = order
+        first = members[:, 0]
+        self.class_a = class_a[first]
+        self.class_b = class_b[first]
+        sizes = counts.long()
+        self.end_b = first  # smallest lam: pure class b
+        self.end_a = members[torch.arange(n_groups), sizes - 1]  # largest lam: pure class a
+        self.n_interior = (sizes - 2).clamp(min=0)
+        self.interior_members = (
+            members[:, 1 : max(1, max_size - 1)]
+            if max_size > 2
+            else torch.empty((n_groups, 0), dtype=torch.long)
+        )
+        if interior > 0 and n_groups and int(self.n_interior.min()) < interior:
+            raise CSMError(
+                f"--syn-interior {interior}: some synthetic groups have only "
+                f"{int(self.n_interior.min())} interior members; lower --syn-interior or "
+                "generate with a larger group size"
+            )
+        class_groups = [
+            torch.nonzero((self.class_a == k) | (self.class_b == k)).flatten()
+            for k in range(num_classes)
+        ]
+        missing = [k for k, g in enumerate(class_groups) if g.numel() == 0]
+        if missing:
+            raise CSMError(
+                f"synthetic dataset: classes {missing[:5]} appear in no synthetic group; "
+                f"generate at least {num_classes - 1} groups so every class is paired"
+            )
+        width = max(g.numel() for g in class_groups)
+        self.class_groups = torch.stack(
+            [torch.cat([g, g.new_zeros(width - g.numel())]) for g in class_groups]
+        )
+        self.class_counts = torch.tensor([g.numel() for g in class_groups])
+
+    @property
+    def per_image(self) -> int:
+        """Synthetic images drawn per real image."""
+        return self.groups * (int(self.endpoint) + self.interior)
+
+    def sample(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Indices of synthetic images for real ``labels`` (B,); shape ``(B * per_image,)``.
+
+        Ordered per group draw: ``[endpoints of all B, interior members of all B, ...]``.
+        """
+        labels = labels.cpu()
+        out = []
+        for _ in range(self.groups):
+            r = torch.rand(labels.shape[0], generator=generator)
+            pos = (r * self.class_counts[labels]).long().clamp(max=self.class_counts[labels] - 1)
+            g = self.class_groups[labels, pos]
+            if self.endpoint:
+                out.append(torch.where(self.class_a[g] == labels, self.end_a[g], self.end_b[g]))
+            if self.interior:
+                keys = torch.rand(g.shape[0], self.interior_members.shape[1], generator=generator)
+                cols = torch.arange(self.interior_members.shape[1])
+                keys[cols[None, :] >= self.n_interior[g][:, None]] = 2.0  # never pick padding
+                pick = torch.argsort(keys, dim=1)[:, : self.interior]
+                chosen = self.interior_members[g[:, None], pick]
+                out.append(chosen.T.reshape(-1))
+        return torch.cat(out)
+
+
+def load_synthetic_for(cfg: TrainConfig, real: Any) -> tuple[Any, SyntheticSampler]:
+    from csm.synthetic.dataset import load_synthetic_tensors
+
+    if not Path(cfg.synthetic).is_dir():
+        raise CSMError(f"--synthetic {cfg.synthetic}: folder not found; pass a csm generate output")
+    syn = load_synthetic_tensors(cfg.synthetic)
+    check_synthetic_matches(syn, real.class_names, real.image_shape, cfg.synthetic)
+    sampler = SyntheticSampler(
+        syn.group_id,
+        syn.lam,
+        syn.class_a,
+        syn.class_b,
+        real.num_classes,
+        cfg.syn_groups,
+        cfg.syn_endpoint,
+        cfg.syn_interior,
+    )
+    return syn, sampler
+
+
+def check_synthetic_matches(
+    syn: Any, class_names: list[str], image_shape: tuple[int, int, int], where: str
+) -> None:
+    """Raise a CSMError if a synthetic dataset's classes or image shape differ from the real."""
+    if list(syn.class_names) != list(class_names):
+        raise CSMError(
+            f"--synthetic {where}: classes {list(syn.class_names)[:5]} differ from the real "
+            f"dataset's {list(class_names)[:5]}; generate it from a model trained on this dataset"
+        )
+    if tuple(syn.images.shape[1:]) != tuple(image_shape):
+        raise CSMError(
+            f"--synthetic {where}: images are {tuple(syn.images.shape[1:])} but real images are "
+            f"{tuple(image_shape)}; pass --image-size to match or regenerate"
+        )

@@ -1,0 +1,322 @@
+"""Tests for calibrated reannotation: hand-computed projections, cache, CLI, judge, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from csm.annotation.annotate import (
+    REPORT_JSON,
+    REPORT_PNG,
+    annotate_dataset,
+    class_prototypes,
+    project,
+)
+from csm.annotation.encoders import ImageEncoder
+from csm.cli import main
+from csm.data.real import RealData, Split
+from csm.errors import CSMError
+from csm.synthetic.dataset import (
+    SyntheticWriter,
+    file_sha256,
+    load_synthetic,
+    load_synthetic_tensors,
+    read_manifest,
+    read_table,
+    write_table_atomic,
+)
+from tests.annotation.test_encoders import make_run
+
+NAMES = ["a", "b", "c"]
+LAMS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+class PixelEncoder(ImageEncoder):
+    """Features = raw pixels, so prototypes are class-mean images (hand-checkable)."""
+
+    spec = "test:pixels"
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = 0
+
+    def fingerprint(self) -> str:
+        return "pixels-v1"
+
+    def preprocess(self, images):
+        return images.float()
+
+    def features(self, x):
+        self.calls += x.shape[0]
+        return x.flatten(1)
+
+
+def _real(seed=0) -> RealData:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat_interleave(20)
+    base = torch.tensor([40.0, 120.0, 200.0])[labels].view(-1, 1, 1, 1)
+    noise = torch.randint(-30, 30, (60, 1, 4, 4), generator=g).float()
+    pattern = torch.linspace(-20, 20, 16).view(1, 1, 4, 4) * (labels.view(-1, 1, 1, 1) - 1)
+    images = (base + noise + pattern).clamp(0, 255).round().to(torch.uint8)
+    split = Split(images, labels)
+    return RealData(split, split, split, list(NAMES), "toy-real", seed)
+
+
+def _blend_dataset(out: Path, protos: torch.Tensor, names=NAMES) -> SyntheticWriter:
+    """Groups whose images are exact pixel blends λ·p_a + (1-λ)·p_b of the prototypes."""
+    w = SyntheticWriter(out, names, {"group_size": len(LAMS), "dataset": "toy-real"}, 2, 3)
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    for i in w.pending_shards():
+        groups = list(w.shard_groups(i))
+        a = np.repeat([pairs[g][0] for g in groups], len(LAMS))
+        b = np.repeat([pairs[g][1] for g in groups], len(LAMS))
+        lam = np.tile(LAMS, len(groups))
+        mix = (
+            torch.tensor(lam).view(-1, 1) * protos[a]
+            + torch.tensor(1 - lam).view(-1, 1) * protos[b]
+        ).view(-1, 1, 4, 4)
+        pixels = mix.round().clamp(0, 255).to(torch.uint8)
+        gid = np.repeat(groups, len(LAMS))
+        w.write_shard(i, pixels, a, b, lam, gid, gid)
+    w.finalize()
+    return w
+
+
+def _digest(out: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_prototypes_are_class_means_and_cached(tmp_path):
+    real, enc = _real(), PixelEncoder()
+    protos = class_prototypes(enc, real, batch_size=7, cache_dir=str(tmp_path))
+    ref = torch.stack(
+        [real.train.images[real.train.labels == k].double().flatten(1).mean(0) for k in range(3)]
+    )
+    torch.testing.assert_close(protos, ref)
+    assert enc.calls == 60 and len(list((tmp_path / "prototypes").glob("*.safetensors"))) == 1
+    again = class_prototypes(enc, real, batch_size=7, cache_dir=str(tmp_path))
+    assert enc.calls == 60  # cache hit: nothing re-encoded
+    torch.testing.assert_close(again, protos)
+    # another dataset (different seed) is another cache entry
+    class_prototypes(enc, _real(seed=1), cache_dir=str(tmp_path))
+    assert len(list((tmp_path / "prototypes").glob("*.safetensors"))) == 2
+
+
+def test_projection_hand_computed():
+    protos = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    f = torch.tensor([[1.0, 5.0], [0.0, 1.0], [5.0, 0.0]])
+    # pair (a=1, b=0): segment x-axis 0..4; (a=2, b=0): y-axis 0..2; (a=0, b=1)
+    lam_hat = project(f, protos, torch.tensor([1, 2, 0]), torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(lam_hat, torch.tensor([0.25, 0.5, -0.25], dtype=torch.float64))
+
+
+def test_annotation_recovers_blend_ratio_and_replaces(tmp_path):
+    real, enc = _real(), PixelEncoder()
+    protos = class_prototypes(enc, real, cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "syn"
+    _blend_dataset(out, protos.float())
+    enc.calls = 0
+    rep = annotate_dataset(
+        out, enc, real=real, squash_s=4.0, batch_size=5, cache_dir=str(tmp_path / "cache")
+    )
+    assert enc.calls == 18  # every synthetic image encoded exactly once
+    ds = load_synthetic(out)
+    lam = np.asarray(ds["lam"], dtype=np.float64)
+    lam_hat = np.asarray(ds["lam_hat"], dtype=np.float64)
+    np.testing.assert_allclose(lam_hat, lam, atol=0.02)  # blends of prototypes project to λ
+    share = 1 / (1 + np.exp(-4.0 * (lam_hat - 0.5)))
+    soft = np.asarray(ds["soft_label"])
+    rows = np.arange(len(ds))
+    np.testing.assert_allclose(soft[rows, ds["class_a"]], share, atol=1e-6)
+    np.testing.assert_allclose(soft[rows, ds["class_b"]], 1 - share, atol=1e-6)
+    np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(ds["confidence"], np.maximum(share, 1 - share), atol=1e-6)
+    assert ds["label"] == np.where(share >= 0.5, ds["class_a"], ds["class_b"]).tolist()
+    assert rep["mismatch_share"] == 0.0 and rep["num_images"] == 18
+    assert rep["share_a_mean"][0] == pytest.approx(1 / (1 + np.exp(2.0)), abs=0.01)
+    report = json.loads((out / REPORT_JSON).read_text())
+    assert set(report["pairs"]) == {"a|b", "a|c", "b|c"}
+    assert Image.open(out / REPORT_PNG).size[0] > 100
+    manifest = read_manifest(out)
+    assert (
+        manifest["annotation"]["squash"] == 4.0 and manifest["annotation"]["mode"] == "projection"
+    )
+    assert "Calibrated reannotation" in (out / "README.md").read_text()
+    # annotating again with another s replaces: computed from λ̂, never from the old soft labels
+    annotate_dataset(out, enc, real=real, squash_s=2.0, cache_dir=str(tmp_path / "cache"))
+    ds2 = load_synthetic(out)
+    np.testing.assert_allclose(ds2["lam_hat"], ds["lam_hat"], atol=1e-6)
+    share2 = 1 / (1 + np.exp(-2.0 * (lam_hat - 0.5)))
+    np.testing.assert_allclose(
+        np.asarray(ds2["soft_label"])[rows, ds["class_a"]], share2, atol=1e-6
+    )
+    assert read_manifest(out)["annotation"]["squash"] == 2.0
+
+
+def test_mismatch_share_counts_flipped_dominant_class(tmp_path, monkeypatch):
+    real, enc = _real(), PixelEncoder()
+    protos = class_prototypes(enc, real, cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "syn"
+    _blend_dataset(out, protos.float())
+    # swap the prototypes of classes 0 and 1: for the pair (0, 1) every projection becomes
+    # 1 - λ, so every dominant class flips there; the other pairs move partly
+    swapped = protos[[1, 0, 2]]
+    monkeypatch.setattr("csm.annotation.annotate.class_prototypes", lambda *a, **k: swapped)
+    rep = annotate_dataset(out, PixelEncoder(), real=real, cache_dir=str(tmp_path / "cache"))
+    ds = load_synthetic(out)
+    lam = np.asarray(ds["lam"])
+    a_is_0_or_1 = np.isin(ds["class_a"], [0, 1]) & np.isin(ds["class_b"], [0, 1])
+    share = np.asarray(ds["soft_label"])[np.arange(18), ds["class_a"]]
+    expected = np.mean((share >= 0.5) != (lam >= 0.5))
+    assert rep["mismatch_share"] == pytest.approx(expected)
+    assert np.all((share[a_is_0_or_1] >= 0.5) != (lam[a_is_0_or_1] >= 0.5))
+
+
+def _digits_syn(out: Path, names: list[str]) -> None:
+    from csm.data.real import load_real
+
+    real = load_real("digits", image_size=8)
+    imgs, labels = real.train.images, real.train.labels
+    w = SyntheticWriter(out, names, {"group_size": 4, "dataset": "digits"}, 1, 2)
+    for i in w.pending_shards():
+        g = w.shard_groups(i)[0]
+        a, b = (0, 1) if g == 0 else (3, 8)
+        xa, xb = imgs[labels == a][0].float(), imgs[labels == b][0].float()
+        lam = [0.0, 1 / 3, 2 / 3, 1.0]
+        pix = torch.stack([(lv * xa + (1 - lv) * xb).round() for lv in lam]).to(torch.uint8)
+        w.write_shard(i, pix, [a] * 4, [b] * 4, lam, [g] * 4, [g] * 4)
+    w.finalize()
+
+
+def test_cli_classifier_projection_and_judge(tmp_path, capsys):
+    digits = [str(i) for i in range(10)]
+    run = make_run(tmp_path / "run", digits)
+    out = tmp_path / "syn"
+    _digits_syn(out, digits)
+    code = main(
+        [
+            "annotate",
+            str(out),
+            "--real",
+            "digits",
+            "--encoder",
+            f"classifier:{run}",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+            "--squash",
+            "3",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert "annotated 8 images" in capsys.readouterr().out
+    assert read_manifest(out)["annotation"]["encoder"] == f"classifier:{run}"
+    assert (out / REPORT_PNG).is_file()
+    # judge: soft[a] = p_a / (p_a + p_b) of the classifier
+    assert (
+        main(
+            [
+                "annotate",
+                str(out),
+                "--mode",
+                "judge",
+                "--encoder",
+                f"classifier:{run}",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    from csm.training.runs import load_run
+
+    t = load_synthetic_tensors(out)
+    with torch.no_grad():
+        p = torch.softmax(load_run(run).model(t.images.float() / 255), dim=1)
+    rows = torch.arange(8)
+    expect = p[rows, t.class_a] / (p[rows, t.class_a] + p[rows, t.class_b])
+    torch.testing.assert_close(t.soft_labels[rows, t.class_a], expect, atol=1e-5, rtol=1e-5)
+    assert read_manifest(out)["annotation"]["mode"] == "judge"
+
+
+def test_bad_input_changes_nothing(tmp_path, capsys):
+    digits = [str(i) for i in range(10)]
+    out = tmp_path / "syn"
+    _digits_syn(out, [f"c{i}" for i in range(10)])
+    before = _digest(out)
+    run = make_run(tmp_path / "run", digits)
+    assert (
+        main(
+            [
+                "annotate",
+                str(out),
+                "--real",
+                "digits",
+                "--encoder",
+                f"classifier:{run}",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert "class names" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "annotate",
+                str(out),
+                "--mode",
+                "judge",
+                "--encoder",
+                f"classifier:{run}",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
+    assert "classifier classes" in capsys.readouterr().err
+    assert main(["annotate", str(out), "--real", "digits", "--encoder", "sift:x"]) == 2
+    assert main(["annotate", str(tmp_path), "--real", "digits", "--encoder", "sift:x"]) == 2
+    assert "not a csm synthetic dataset" in capsys.readouterr().err
+    assert main(["annotate", str(out), "--mode", "vote", "--encoder", f"classifier:{run}"]) == 2
+    assert "mode='vote'" in capsys.readouterr().err
+    assert _digest(out) == before
+
+
+def test_undecodable_image_aborts_without_changes(tmp_path):
+    real, enc = _real(), PixelEncoder()
+    protos = class_prototypes(enc, real, cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "syn"
+    _blend_dataset(out, protos.float())
+    shard = out / "train" / "data-00001-of-00002.arrow"
+    table = read_table(shard)
+    images = table.column("image").to_pylist()
+    images[3] = {"bytes": b"garbage", "path": None}
+    write_table_atomic(
+        table.set_column(
+            0, table.schema.field("image"), pa.array(images, type=table.schema.field("image").type)
+        ),
+        shard,
+    )
+    rec = out / ".csm" / "shards" / "00001.json"
+    record = json.loads(rec.read_text())
+    record.update(bytes=shard.stat().st_size, sha256=file_sha256(shard))
+    rec.write_text(json.dumps(record))
+    before = _digest(out)
+    with pytest.raises(CSMError, match="row 3 \\(group 2\\): the image does not decode"):
+        annotate_dataset(out, enc, real=real, cache_dir=str(tmp_path / "cache"))
+    assert _digest(out) == before

@@ -1,0 +1,142 @@
+"""Tests for the reannotation encoders, with tiny random models saved inside the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from csm.annotation.encoders import ClassifierEncoder, load_encoder
+from csm.errors import CSMError
+
+
+def make_run(
+    path: Path, class_names: list[str], in_channels: int = 1, image_size: int = 8, seed: int = 0
+) -> Path:
+    """A run directory in ``csm train``'s format holding a random small CNN."""
+    from safetensors.torch import save_file
+
+    from csm.config import save_config
+    from csm.training.config import TrainConfig
+    from csm.training.models import build_model_from_spec, model_spec
+
+    torch.manual_seed(seed)
+    spec = model_spec(
+        "cnn", len(class_names), in_channels, image_size, [0.5] * in_channels, [0.25] * in_channels
+    )
+    model = build_model_from_spec(spec)
+    path.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors")
+    )
+    (path / "model.json").write_text(json.dumps(spec))
+    (path / "class_names.json").write_text(json.dumps(class_names))
+    save_config(TrainConfig(dataset="digits", out=str(path)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    out = tmp_path_factory.mktemp("clip") / "clip"
+    CLIPVisionModelWithProjection(cfg).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(out)
+    return out
+
+
+def _images(n=5, c=3, s=32, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, s, s), generator=g, dtype=torch.uint8)
+
+
+def test_clip_encoder_matches_transformers_processor(clip_dir):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    enc = load_encoder(f"clip:{clip_dir}", "cpu")
+    imgs = _images()
+    feats = enc.encode(imgs)
+    model = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
+    proc = CLIPImageProcessor.from_pretrained(clip_dir)
+    pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in imgs]
+    with torch.no_grad():
+        ref = model(**proc(images=pil, return_tensors="pt")).image_embeds
+    assert feats.shape == (5, 16)
+    torch.testing.assert_close(feats, ref, atol=1e-4, rtol=1e-4)
+    # grayscale 16 px images are upsampled to 32 and repeated to 3 channels
+    small = enc.encode(_images(2, 1, 16))
+    assert small.shape == (2, 16) and torch.isfinite(small).all()
+    assert enc.fingerprint() == load_encoder(f"clip:{clip_dir}", "cpu").fingerprint()
+
+
+def test_hf_encoder_pools_features(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+    )
+    ViTModel(cfg).save_pretrained(tmp_path / "vit")
+    enc = load_encoder(f"hf:{tmp_path / 'vit'}", "cpu")
+    imgs = _images(3, 3, 16)
+    model = ViTModel.from_pretrained(tmp_path / "vit").eval()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = model(pixel_values=(imgs.float() / 255 - mean) / std).pooler_output
+    torch.testing.assert_close(enc.encode(imgs), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_encoder_uses_penultimate_features(tmp_path):
+    from csm.training.runs import load_run
+
+    run = make_run(tmp_path / "run", [str(i) for i in range(4)])
+    enc = load_encoder(f"classifier:{run}", "cpu")
+    assert isinstance(enc, ClassifierEncoder) and enc.can_classify
+    assert enc.class_names == ["0", "1", "2", "3"]
+    imgs = _images(6, 1, 8)
+    model = load_run(run).model
+    with torch.no_grad():
+        x = imgs.float() / 255
+        torch.testing.assert_close(enc.encode(imgs), model.forward_features(x))
+        torch.testing.assert_close(enc.logits(imgs), model(x))
+    # other sizes and RGB input are adapted to the run's 8 px grayscale input
+    assert enc.encode(_images(2, 3, 16)).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize("spec", ["clip", "nope:thing", "hf:", "sift:x"])
+def test_unknown_encoder_spec(spec):
+    with pytest.raises(CSMError, match="unknown encoder spec"):
+        load_encoder(spec)
+
+
+def test_missing_models_are_clear_errors(tmp_path):
+    with pytest.raises(CSMError, match="cannot load"):
+        load_encoder(f"clip:{tmp_path / 'missing'}", "cpu")
+    with pytest.raises(CSMError, match="not a directory"):
+        load_encoder(f"classifier:{tmp_path / 'missing'}", "cpu")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CSMError, match="missing"):
+        load_encoder(f"classifier:{tmp_path / 'half'}", "cpu")
+    with pytest.raises(CSMError, match="device='gpu0'"):
+        load_encoder(f"classifier:{tmp_path / 'half'}", "gpu0")

@@ -1,0 +1,235 @@
+"""Tests for ``csm generate``: tiny random pipeline in tmp_path, kill + resume, multi-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from csm.cli import main
+from csm.errors import CSMError
+from csm.generation.generate import GenerateConfig, generate
+from csm.generation.mixing import lambdas, pair_for_group, seed_for_group
+from csm.generation.pipeline import CSMMixingPipeline, build_unet
+from csm.synthetic.dataset import (
+    SyntheticWriter,
+    load_synthetic,
+    load_synthetic_tensors,
+    read_manifest,
+)
+
+NAMES = ["zero", "one", "two"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    unet = build_unet(3, image_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sched = DDIMScheduler(num_train_timesteps=50, beta_schedule="linear", clip_sample=False)
+    out = tmp_path_factory.mktemp("model") / "pipe"
+    CSMMixingPipeline(unet=unet, scheduler=sched, class_names=NAMES).save_pretrained(out)
+    return out
+
+
+def _cfg(model_dir: Path, out: Path, **kw) -> GenerateConfig:
+    base = dict(
+        model=str(model_dir),
+        out=str(out),
+        groups=7,
+        group_size=4,
+        steps=2,
+        groups_per_shard=2,
+        batch_size=6,
+        device="cpu",
+    )
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+def _rows(out: Path) -> tuple[dict, np.ndarray]:
+    ds = load_synthetic(out)
+    cols = {c: ds[c] for c in ds.column_names if c != "image"}
+    return cols, load_synthetic_tensors(out).images.numpy()
+
+
+@pytest.fixture(scope="module")
+def clean_run(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "syn"
+    generate(_cfg(model_dir, out))
+    return out
+
+
+def test_generate_rows_follow_the_schedule(clean_run, model_dir):
+    cols, pixels = _rows(clean_run)
+    g = 4
+    assert len(cols["lam"]) == 7 * g and pixels.shape == (28, 1, 8, 8)
+    assert cols["group_id"] == list(np.repeat(np.arange(7), g))
+    assert np.allclose(cols["lam"], np.tile(lambdas(g), 7))
+    for k in range(7):
+        assert (cols["class_a"][k * g], cols["class_b"][k * g]) == pair_for_group(k, 3)
+        assert cols["seed"][k * g] == seed_for_group(k, 0)
+    # images of a group differ (the condition moves) but equal a direct pipeline call
+    pipe = CSMMixingPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    a, b = pair_for_group(3, 3)
+    gens = [torch.Generator().manual_seed(seed_for_group(3, 0)) for _ in range(g)]
+    ref = pipe(
+        class_a=[a] * g, class_b=[b] * g, lam=lambdas(g), generator=gens, num_inference_steps=2
+    ).images
+    ref = (ref.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(pixels[3 * g : 4 * g], ref)
+    info = read_manifest(clean_run)["params"]["info"]
+    assert info["steps"] == 2 and info["group_size"] == 4 and info["scheduler"] == "ddim"
+    assert "steps" in (clean_run / "README.md").read_text()
+
+
+def test_kill_and_resume_equals_clean_run(clean_run, model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "syn"
+    calls = {"n": 0}
+    original = SyntheticWriter.write_shard
+
+    def dying(self, index, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            # die while the third shard is being written: leave a partial temp file behind
+            (self.shard_path(index).parent / f".{self.shard_path(index).name}.x.tmp").write_bytes(
+                b"partial"
+            )
+            raise KeyboardInterrupt
+        return original(self, index, *args, **kw)
+
+    monkeypatch.setattr(SyntheticWriter, "write_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        generate(_cfg(model_dir, out))
+    monkeypatch.setattr(SyntheticWriter, "write_shard", original)
+    with pytest.raises(CSMError, match="not finished"):
+        load_synthetic(out)
+    with pytest.raises(CSMError, match="--resume"):
+        generate(_cfg(model_dir, out))
+    with pytest.raises(CSMError, match="different parameters"):
+        generate(_cfg(model_dir, out, resume=True, steps=3))
+    generate(_cfg(model_dir, out, resume=True))
+    a_cols, a_pix = _rows(clean_run)
+    b_cols, b_pix = _rows(out)
+    assert a_cols.keys() == b_cols.keys()
+    for c in a_cols:
+        np.testing.assert_array_equal(np.asarray(a_cols[c]), np.asarray(b_cols[c]))
+    assert np.array_equal(a_pix, b_pix)
+
+
+def test_cli_generate_and_bad_input(model_dir, tmp_path, capsys):
+    out = tmp_path / "syn"
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--out",
+                str(out),
+                "--groups",
+                "2",
+                "--group-size",
+                "3",
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert len(load_synthetic(out)) == 6
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "x"),
+                "--groups",
+                "2",
+                "--group-size",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert "group_size=1" in capsys.readouterr().err
+    assert (
+        main(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "y"), "--groups", "2"])
+        == 2
+    )
+    assert "model_index.json" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+    missing = str(tmp_path / "no-such-model")
+    args = ["generate", "--model", missing, "--out", str(tmp_path / "y"), "--groups", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: no such folder" in err and "Traceback" not in err
+    assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="accelerate launch multi-process on linux")
+def test_accelerate_two_processes_equal_single(clean_run, model_dir, tmp_path):
+    out = tmp_path / "syn"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "csm",
+        "generate",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--groups",
+        "7",
+        "--group-size",
+        "4",
+        "--steps",
+        "2",
+        "--groups-per-shard",
+        "2",
+        "--batch-size",
+        "6",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a_cols, a_pix = _rows(clean_run)
+    b_cols, b_pix = _rows(out)
+    for c in a_cols:
+        np.testing.assert_array_equal(np.asarray(a_cols[c]), np.asarray(b_cols[c]))
+    assert np.array_equal(a_pix, b_pix)
+    manifest = json.loads((out / "csm_synthetic.json").read_text())
+    assert manifest["finalized"] is True
+    # a refusal in the main process reaches every process: one clear error, no hang
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "already exists; pass --resume" in proc.stderr
+    b2_cols, _ = _rows(out)
+    assert b2_cols["seed"] == b_cols["seed"]

@@ -1,0 +1,448 @@
+"""The trainer: CSM batches, schedules, every method on digits, resume, run dirs, bad input, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from csm.cli import main
+from csm.config import resolve_config
+from csm.errors import CSMError
+from csm.synthetic.dataset import SyntheticTensors, SyntheticWriter
+from csm.training.config import TrainConfig
+from csm.training.methods import METHODS
+from csm.training.optim import lr_at
+from csm.training.runs import load_run, real_data_for
+from csm.training.sampler import SyntheticSampler, check_synthetic_matches
+from csm.training.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(out: Path, **overrides) -> TrainConfig:
+    """digits at 8x8 with an 8-channel CNN: one epoch is a handful of steps."""
+    values = {
+        "dataset": "digits",
+        "image_size": 8,
+        "model": "cnn",
+        "model_options": ["width=8"],
+        "epochs": 1,
+        "batch_size": 256,
+        "optimizer": "adamw",
+        "lr": 0.01,
+        "out": str(out),
+    }
+    values.update(overrides)
+    return resolve_config(TrainConfig, overrides=values)
+
+
+def read_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_synthetic(
+    out: Path,
+    class_names: list[str],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    group_size: int = 4,
+) -> Path:
+    """A synthetic dataset in csm's format: one group per class pair, pixel blends of class means.
+
+    (A stand-in for diffusion samples; the trainer only cares about groups, λ and soft labels.)
+    """
+    k = len(class_names)
+    means = torch.stack([images[labels == c].float().mean(0) for c in range(k)])
+    pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+    lams = np.linspace(0.0, 1.0, group_size)
+    imgs, ca, cb, lam, gid, seed = [], [], [], [], [], []
+    for g, (a, b) in enumerate(pairs):
+        for value in lams:
+            imgs.append((value * means[a] + (1 - value) * means[b]).round().to(torch.uint8))
+            ca.append(a), cb.append(b), lam.append(float(value)), gid.append(g), seed.append(g)
+    writer = SyntheticWriter(out, class_names, {"group_size": group_size}, len(pairs), len(pairs))
+    writer.write_shard(0, torch.stack(imgs), ca, cb, lam, gid, seed)
+    writer.finalize()
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return real_data_for(tiny(Path("unused")))
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory, digits8):
+    out = tmp_path_factory.mktemp("syn") / "digits-syn"
+    return write_synthetic(out, digits8.class_names, digits8.train.images, digits8.train.labels)
+
+
+# ------------------------------------------------------------------------------ CSM batches
+def _groups() -> tuple[torch.Tensor, ...]:
+    """3 classes, groups (0,1), (0,2), (1,2) of 4 members, rows shuffled."""
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    gid = torch.arange(3).repeat_interleave(4)
+    lam = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]).repeat(3)
+    a = torch.tensor([p[0] for p in pairs]).repeat_interleave(4)
+    b = torch.tensor([p[1] for p in pairs]).repeat_interleave(4)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    return gid[order], lam[order], a[order], b[order]
+
+
+def test_sampler_takes_the_endpoint_dominated_by_the_real_class_and_one_interior_member():
+    gid, lam, a, b = _groups()
+    sampler = SyntheticSampler(gid, lam, a, b, num_classes=3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2] * 20)
+    idx = sampler.sample(labels, torch.Generator().manual_seed(1))
+    assert idx.shape == (2 * labels.numel(),) and sampler.per_image == 2
+    ends, inner = idx[: labels.numel()], idx[labels.numel() :]
+    for y, e, i in zip(labels.tolist(), ends.tolist(), inner.tolist()):
+        assert y in (int(a[e]), int(b[e]))  # a group that contains y
+        pure_y = 1.0 if int(a[e]) == y else 0.0
+        assert float(lam[e]) == pure_y  # the endpoint dominated by y
+        assert int(gid[i]) == int(gid[e]) and 0.0 < float(lam[i]) < 1.0  # same group, interior
+    # both groups of class 0 and both interior members get drawn
+    assert {int(gid[e]) for e, y in zip(ends, labels) if y == 0} == {0, 1}
+    assert {round(float(lam[i]), 4) for i in inner} == {0.3333, 0.6667}
+
+
+def test_sampler_counts_are_parameters_and_draws_replay():
+    gid, lam, a, b = _groups()
+    sampler = SyntheticSampler(gid, lam, a, b, 3, groups=2, endpoint=False, interior=2)
+    labels = torch.tensor([0, 1, 2])
+    idx = sampler.sample(labels, torch.Generator().manual_seed(4))
+    assert sampler.per_image == 4 and idx.shape == (12,)
+    for draw in range(2):
+        block = idx[draw * 6 : (draw + 1) * 6].view(2, 3)  # [member, image]
+        assert (block[0] != block[1]).all()  # distinct interior members
+        assert (gid[block[0]] == gid[block[1]]).all()
+    again = sampler.sample(labels, torch.Generator().manual_seed(4))
+    assert torch.equal(idx, again)
+
+
+def test_sampler_errors_name_the_problem():
+    gid, lam, a, b = _groups()
+    keep = gid != 2  # drop group (1, 2): still every class paired
+    SyntheticSampler(gid[keep], lam[keep], a[keep], b[keep], 3)
+    with pytest.raises(CSMError, match=r"classes \[3\] appear in no synthetic group"):
+        SyntheticSampler(gid, lam, a, b, 4)
+    with pytest.raises(CSMError, match="--syn-interior 3"):
+        SyntheticSampler(gid, lam, a, b, 3, interior=3)
+
+
+def test_synthetic_classes_must_match_the_real_ones():
+    syn = SyntheticTensors(
+        torch.zeros(2, 1, 8, 8, dtype=torch.uint8),
+        torch.zeros(2, 2),
+        torch.zeros(2),
+        torch.ones(2),
+        torch.zeros(2),
+        torch.zeros(2),
+        ["cat", "dog"],
+    )
+    with pytest.raises(CSMError, match="--synthetic syn: classes"):
+        check_synthetic_matches(syn, ["0", "1"], (1, 8, 8), "syn")
+    with pytest.raises(CSMError, match="--image-size"):
+        check_synthetic_matches(syn, ["cat", "dog"], (1, 16, 16), "syn")
+
+
+# ------------------------------------------------------------------------------ schedules
+def test_paper_multistep_and_cosine_schedules():
+    cfg = resolve_config(TrainConfig, overrides={"epochs": 200, "lr": 0.1})
+    assert lr_at(cfg, 79, 390, 391) == pytest.approx(0.1)
+    assert lr_at(cfg, 80, 0, 391) == pytest.approx(0.01)
+    assert lr_at(cfg, 119, 0, 391) == pytest.approx(0.01)
+    assert lr_at(cfg, 120, 0, 391) == pytest.approx(0.001)
+    cos = resolve_config(TrainConfig, overrides={"epochs": 10, "lr": 0.2, "schedule": "cosine"})
+    assert lr_at(cos, 0, 0, 5) == pytest.approx(0.2)
+    assert lr_at(cos, 5, 0, 5) == pytest.approx(0.1)
+    assert lr_at(cos, 7, 2, 5) == pytest.approx(0.1 * (1 + math.cos(math.pi * 7.4 / 10)))
+    warm = resolve_config(TrainConfig, overrides={"epochs": 10, "warmup_epochs": 2})
+    assert lr_at(warm, 0, 0, 4) == pytest.approx(0.1 * 0.25 / 2)
+
+
+# ------------------------------------------------------------------------------ every method
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_an_epoch_on_digits(method, tmp_path, synthetic_dir):
+    extra = {"synthetic": str(synthetic_dir)} if method == "csm" else {}
+    if method == "refcal":
+        extra["epochs"] = 2  # one SupCon epoch, one head epoch
+    if method == "clue":
+        extra["model_options"] = ["width=8", "dropout=0.2"]  # MC-dropout path
+    run = train(tiny(tmp_path / method, method=method, **extra))
+    rows = read_rows(run)
+    assert len(rows) == (2 if method == "refcal" else 1)
+    for row in rows:
+        assert math.isfinite(float(row["train/loss"]))
+    assert math.isfinite(float(rows[-1]["val/cls/NLL"]))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "complete" and info["method"] == method
+    loaded = load_run(run)
+    assert loaded.class_names == [str(i) for i in range(10)]
+    assert not loaded.model.training
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(torch.rand(2, 1, 8, 8))).all()
+
+
+def test_refcal_freezes_the_encoder_in_stage_two(tmp_path):
+    run = train(tiny(tmp_path / "r", method="refcal", epochs=2, checkpoint_every=1))
+    rows = read_rows(run)
+    assert [r["stage"] for r in rows] == ["1", "2"]
+    assert rows[0].get("val/cls/Acc", "") == ""  # no classifier yet in stage 1
+    assert json.loads((run / "run.json").read_text())["best_epoch"] == 2
+
+
+def test_csm_batches_use_synthetic_images(tmp_path, synthetic_dir):
+    run = train(
+        tiny(
+            tmp_path / "c",
+            method="csm",
+            synthetic=str(synthetic_dir),
+            csm_loss="kl",
+            joint_forward=True,
+        )
+    )
+    info = json.loads((run / "run.json").read_text())
+    assert info["num_synthetic"] == 45 * 4
+    assert info["method_params"]["csm_loss"] == "kl"
+    assert info["method_params"]["joint_forward"] is True
+
+
+def test_synthetic_is_ignored_by_methods_that_do_not_use_it(tmp_path, synthetic_dir, caplog):
+    plain = train(tiny(tmp_path / "plain", epochs=1))
+    with caplog.at_level("WARNING"):
+        given = train(tiny(tmp_path / "given", epochs=1, synthetic=str(synthetic_dir)))
+    assert "ignored, method ce does not train on synthetic data" in caplog.text
+    assert json.loads((given / "run.json").read_text())["num_synthetic"] == 0
+    # the synthetic sampler never touches the shared random streams: identical weights
+    assert (plain / "model.safetensors").read_bytes() == (given / "model.safetensors").read_bytes()
+
+
+# ------------------------------------------------------------------------------ run dirs
+def test_run_directory_layout_and_load_run(tmp_path):
+    run = train(tiny(tmp_path / "run", epochs=2, select_metric="cls/NLL"))
+    names = {p.name for p in run.iterdir()}
+    assert {
+        "config.yaml",
+        "class_names.json",
+        "model.json",
+        "model.safetensors",
+        "metrics.csv",
+        "run.json",
+        "checkpoints",
+    } <= names
+    rows = read_rows(run)
+    info = json.loads((run / "run.json").read_text())
+    nll = [float(r["val/cls/NLL"]) for r in rows]
+    assert info["best_epoch"] == 1 + int(np.argmin(nll))  # selected on val, never test
+    assert info["val"]["val/cls/NLL"] == pytest.approx(min(nll))
+    loaded = load_run(run)
+    assert loaded.config.epochs == 2 and loaded.config.select_metric == "cls/NLL"
+    real = real_data_for(loaded.config)
+    with torch.no_grad():
+        logits = loaded.model(real.val.images.float() / 255)
+    from csm.calibration.metrics import compute_all
+
+    assert compute_all(logits, real.val.labels)["cls/NLL"] == pytest.approx(min(nll), rel=1e-5)
+
+
+def test_load_run_errors_name_the_folder(tmp_path):
+    with pytest.raises(CSMError, match="run directory not found"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("method: ce\n")
+    with pytest.raises(CSMError, match="half: class_names.json missing"):
+        load_run(tmp_path / "half")
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    common = {"method": "crl", "epochs": 3, "batch_size": 128}  # crl keeps per-sample state
+    full = train(tiny(tmp_path / "full", **common))
+    # 11 steps per epoch: stop 4 steps into epoch 2; resume replays epoch 2 from its start
+    part = train(tiny(tmp_path / "part", max_steps=15, **common))
+    assert json.loads((part / "run.json").read_text())["status"] == "stopped"
+    assert [r["partial"] for r in read_rows(part)] == ["", "True"]
+    resumed = train(tiny(tmp_path / "part", resume=True, **common))
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in read_rows(full)]
+    assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in read_rows(resumed)]
+    assert json.loads((resumed / "run.json").read_text())["status"] == "complete"
+
+
+def test_refuses_a_different_run_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out))
+    with pytest.raises(CSMError, match="already holds a different run.*--overwrite"):
+        train(tiny(out, method="ls"))
+    with pytest.raises(CSMError, match="already holds the same run"):
+        train(tiny(out))
+    with pytest.raises(CSMError, match="--resume with different settings \\(method\\)"):
+        train(tiny(out, method="ls", resume=True))
+    train(tiny(out, method="ls", overwrite=True))
+    assert load_run(out).config.method == "ls"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(CSMError, match="holds no training run"):
+        train(tiny(tmp_path / "other"))
+    with pytest.raises(CSMError, match="holds no training run"):
+        train(tiny(tmp_path / "other", overwrite=True))
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"  # never deleted
+
+
+# ------------------------------------------------------------------------------ bad input / CLI
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--method", "dropout"], "--method 'dropout': unknown method"),
+        (["--model", "vgg11"], "--model 'vgg11': unknown architecture"),
+        (["--method", "focal", "--gamma", "-1"], "gamma=-1.0: out of range"),
+        (["--method", "ls", "--alpha", "1.5"], "alpha=1.5: out of range"),
+        (["--method", "csm"], "--method csm: needs a synthetic dataset"),
+        (["--lr", "-0.1"], "--lr -0.1: out of range"),
+        (["--optimizer", "lbfgs"], "--optimizer lbfgs"),
+        (["--select-metric", "test/acc"], "--select-metric test/acc: not a validation metric"),
+        (["--resume", "--overwrite"], "--resume and --overwrite: contradictory"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(flags, message, tmp_path, capsys):
+    code = main(["train", "--dataset", "digits", "--out", str(tmp_path / "x"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("csm: error: ") and "\n" not in err
+    assert message in err
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_cli_synthetic_with_other_classes(tmp_path, digits8, capsys):
+    names = [f"c{i}" for i in range(10)]
+    syn = write_synthetic(tmp_path / "syn", names, digits8.train.images, digits8.train.labels)
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "digits",
+            "--image-size",
+            "8",
+            "--method",
+            "csm",
+            "--synthetic",
+            str(syn),
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert code == 2
+    assert "differ from the real dataset" in capsys.readouterr().err
+
+
+def test_cli_trains_and_prints_a_summary(tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "digits",
+            "--image-size",
+            "8",
+            "--model-options",
+            "width=8",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "256",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.01",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 0
+    assert "best epoch 1 on val" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ accelerate
+def test_two_processes_match_one_process(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo) reproduces the 1-process run.
+
+    ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's simple
+    launcher ignores num_processes on CPU without MPI), so the two-process run goes through
+    the torchrun-based launcher; the trainer picks gloo because there is no CUDA.
+    A GroupNorm CNN keeps the update independent of how each batch is split.
+    """
+    args = [
+        "--dataset",
+        "digits",
+        "--image-size",
+        "8",
+        "--model-options",
+        "width=8",
+        "norm=group",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "200",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.01",
+    ]
+    if torch.cuda.is_available():
+        pytest.skip("the CPU/gloo equivalence test runs on CPU-only machines")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29577",
+        "-m",
+        "csm",
+        "train",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    one = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for key, value in one["val"].items():
+        assert two["val"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
