@@ -103,22 +103,14 @@ def build_clip_b32(path: Path) -> str:
 
 
 def build_classifier(path: Path, names: list[str]) -> str:
-    from safetensors.torch import save_file
-
-    from csm.config import save_config
     from csm.training.config import TrainConfig
     from csm.training.models import build_model_from_spec, model_spec
+    from csm.training.runs import save_run
 
     torch.manual_seed(0)
     spec = model_spec("cnn", len(names), 1, 16, [0.5], [0.25])
-    model = build_model_from_spec(spec)
-    path.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors")
-    )
-    (path / "model.json").write_text(json.dumps(spec))
-    (path / "class_names.json").write_text(json.dumps(names))
-    save_config(TrainConfig(dataset="digits", out=str(path)), path)
+    cfg = TrainConfig(dataset="digits", out=str(path))
+    save_run(path, cfg, names, spec, model=build_model_from_spec(spec))
     return f"classifier:{path}"
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from csm.config import config_to_dict, load_config
+from csm.config import config_to_dict, load_config, save_config
 from csm.errors import CSMError
 from csm.training.config import TrainConfig
 from csm.training.models import ImageClassifier, build_model_from_spec
@@ -44,6 +44,7 @@ __all__ = [
     "read_json",
     "real_data_for",
     "remove_run",
+    "save_run",
     "save_weights",
     "write_json",
     "write_metrics_csv",
@@ -77,6 +78,39 @@ class LoadedRun:
     class_names: list[str]
     run_dir: Path = Path(".")
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def save_run(
+    out: str | os.PathLike,
+    cfg: TrainConfig,
+    class_names: list[str],
+    spec: dict[str, Any],
+    model: nn.Module | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write the files of a run folder (each atomically); the one writer of the format.
+
+    Args:
+        out: The run folder (created if missing).
+        cfg: The resolved configuration, written as ``config.yaml``.
+        class_names: Class names, index = label (``class_names.json``).
+        spec: The architecture, :func:`csm.training.models.model_spec` (``model.json``).
+        model: If given, its weights are written as ``model.safetensors``.
+        info: If given, written as ``run.json`` (method, status, best epoch, val metrics, ...).
+
+    Returns:
+        The run folder.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    write_json(out / "class_names.json", list(class_names))
+    write_json(out / "model.json", spec)
+    if model is not None:
+        save_weights(model, out / "model.safetensors")
+    if info is not None:
+        write_json(out / "run.json", jsonable(info))
+    return out
 
 
 def load_run(run_dir: str | os.PathLike) -> LoadedRun:

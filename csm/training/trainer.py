@@ -60,7 +60,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from csm.calibration.metrics import higher_is_better
-from csm.config import save_config
 from csm.data.augment import Augment
 from csm.errors import CSMError
 from csm.training.config import TrainConfig, method_params, parse_model_options, validate_config
@@ -74,6 +73,7 @@ from csm.training.runs import (
     real_data_for,
     remove_run,
     save_checkpoint,
+    save_run,
     save_weights,
     write_json,
     write_metrics_csv,
@@ -313,10 +313,7 @@ def train(cfg: TrainConfig) -> Path:
         start_epoch = done + 1
         logger.info("resuming %s after epoch %d", out, done + 1)
     elif is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-        write_json(out / "class_names.json", real.class_names)
-        write_json(out / "model.json", spec)
+        save_run(out, cfg, real.class_names, spec)
 
     augment = build_augment(cfg, real.allow_hflip)
     train_images = real.train.images.to(device)

@@ -32,7 +32,7 @@ from csm.synthetic.dataset import (
     read_table,
     write_table_atomic,
 )
-from tests.annotation.test_encoders import make_run
+from tests.helpers import make_run
 
 NAMES = ["a", "b", "c"]
 LAMS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,31 +10,7 @@ from PIL import Image
 
 from csm.annotation.encoders import ClassifierEncoder, load_encoder
 from csm.errors import CSMError
-
-
-def make_run(
-    path: Path, class_names: list[str], in_channels: int = 1, image_size: int = 8, seed: int = 0
-) -> Path:
-    """A run directory in ``csm train``'s format holding a random small CNN."""
-    from safetensors.torch import save_file
-
-    from csm.config import save_config
-    from csm.training.config import TrainConfig
-    from csm.training.models import build_model_from_spec, model_spec
-
-    torch.manual_seed(seed)
-    spec = model_spec(
-        "cnn", len(class_names), in_channels, image_size, [0.5] * in_channels, [0.25] * in_channels
-    )
-    model = build_model_from_spec(spec)
-    path.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors")
-    )
-    (path / "model.json").write_text(json.dumps(spec))
-    (path / "class_names.json").write_text(json.dumps(class_names))
-    save_config(TrainConfig(dataset="digits", out=str(path)), path)
-    return path
+from tests.helpers import make_run
 
 
 @pytest.fixture(scope="module")

@@ -116,18 +116,23 @@ def test_leaderboard_empty() -> None:
 # end to end on tiny run directories built per the run-directory contract (csm.training.trainer
 # format)
 
-import json  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from csm.config import load_config, save_config  # noqa: E402
-from csm.evaluation.evaluate import EvaluateConfig, evaluate, evaluate_runs, read_results  # noqa: E402
+from csm.config import load_config  # noqa: E402
+from csm.evaluation.evaluate import (  # noqa: E402
+    EvaluateConfig,
+    evaluate,
+    evaluate_runs,
+    read_results,
+)
+from tests.helpers import make_run  # noqa: E402
 
 
-def make_run(
+def trained_run(
     root: Path,
     method: str = "ce",
     seed: int = 0,
@@ -143,7 +148,6 @@ def make_run(
     from csm.training.runs import real_data_for
 
     d = root / f"{method}-s{seed}"
-    d.mkdir(parents=True)
     cfg = TrainConfig(
         dataset="digits",
         method=method,
@@ -179,33 +183,17 @@ def make_run(
         model(x)
         model.head.weight.mul_(sharpen)
         model.head.bias.mul_(sharpen)
-    save_config(cfg, d)
-    (d / "class_names.json").write_text(json.dumps(names))
-    (d / "model.json").write_text(json.dumps(spec))
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors")
-    )
-    (d / "run.json").write_text(
-        json.dumps(
-            {
-                "method": method,
-                "model": "cnn",
-                "dataset": "digits",
-                "seed": seed,
-                "status": "complete",
-            }
-        )
-    )
-    return d
+    info = {"method": method, "model": "cnn", "dataset": "digits", "seed": seed}
+    return make_run(d, names, model=model, spec=spec, cfg=cfg, info=info | {"status": "complete"})
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     return {
-        "ce0": make_run(root, "ce", 0, sharpen=4.0),
-        "ce1": make_run(root, "ce", 1, sharpen=4.0),
-        "ls0": make_run(root, "ls", 0),
+        "ce0": trained_run(root, "ce", 0, sharpen=4.0),
+        "ce1": trained_run(root, "ce", 1, sharpen=4.0),
+        "ls0": trained_run(root, "ls", 0),
     }
 
 
@@ -319,7 +307,7 @@ def test_ood_heldout_classes_and_different_class_sets(tmp_path):
     from csm.calibration.calibrators import AlienHead
     from csm.calibration.metrics import selective_metrics
 
-    sub = make_run(tmp_path, "ce", 5, classes=[0, 1, 2, 3, 4], steps=4)
+    sub = trained_run(tmp_path, "ce", 5, classes=[0, 1, 2, 3, 4], steps=4)
     rows, _ = evaluate_runs(
         EvaluateConfig(
             runs=[str(sub)],
@@ -345,7 +333,7 @@ def test_ood_heldout_classes_and_different_class_sets(tmp_path):
     for k, v in expect.items():
         assert by_cal["alien"][k] == pytest.approx(v), k
     assert by_cal["alien"]["cal/ECE"] == pytest.approx(by_cal["none"]["cal/ECE"], abs=1e-6)
-    full = make_run(tmp_path, "ls", 5, steps=1)
+    full = trained_run(tmp_path, "ls", 5, steps=1)
     with pytest.raises(CSMError, match="differ from") as err:
         evaluate_runs(
             EvaluateConfig(runs=[str(full), str(sub)], calibrators=["ts"], corruptions=["none"])
@@ -389,7 +377,7 @@ def test_nan_logits_are_reported_with_count_and_place(runs, tmp_path):
 
 
 def test_empty_val_split(tmp_path):
-    run = make_run(tmp_path, "ce", 0, steps=1, val_fraction=0.001)
+    run = trained_run(tmp_path, "ce", 0, steps=1, val_fraction=0.001)
     with pytest.raises(CSMError, match="val split of dataset 'digits' is empty"):
         evaluate_runs(EvaluateConfig(runs=[str(run)], calibrators=["ts"], corruptions=["none"]))
 
