@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -192,6 +193,28 @@ def _which_command(argv: list[str]) -> str | None:
     return None
 
 
+def _configure_logging(verbose: bool) -> bool:
+    """Log INFO (DEBUG with ``-v``) on the main process, warnings only on the others.
+
+    Under ``accelerate launch`` every process runs this; the launcher's ``RANK`` tells them apart
+    (read from the environment, so no process group is needed yet). ``CSM_LOG_ALL_RANKS=1`` keeps
+    INFO on every process (each line tagged with its rank). Returns whether this is the main
+    process, which alone prints the command's summary.
+    """
+    rank = int(os.environ.get("RANK", "0") or 0)
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    level = logging.DEBUG if verbose else logging.INFO
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(
+        level=level if rank == 0 or os.environ.get("CSM_LOG_ALL_RANKS") == "1" else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not verbose:  # accelerate's own INFO lines ("Saving current state ...") are noise here
+        logging.getLogger("accelerate").setLevel(logging.WARNING)
+    return rank == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``csm`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -202,11 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"csm: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    main_process = _configure_logging(args.verbose)
     if getattr(args, "_command", None) is None:
         # "csm" or "csm data" without a subcommand: show the relevant help.
         if getattr(args, "command", None):
@@ -228,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("csm: interrupted; rerun with --resume to continue where it stopped", file=sys.stderr)
         return 130
-    if isinstance(result, str):
+    if isinstance(result, str) and result and main_process:
         try:
             print(result)
         except BrokenPipeError:  # e.g. piped into `head`

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from csm.calibration.metrics import _binned_errors, _binned_sums, bin_indices, validate_logits
+from csm.calibration.metrics import bin_indices, binned_errors, binned_sums, validate_logits
 from csm.errors import CSMError
 
 logger = logging.getLogger(__name__)
@@ -502,7 +502,7 @@ class ConsistencyCalibration(Calibrator):
         eces = []
         for q in probs:
             conf, pred = q.max(1)
-            eces.append(_binned_errors(*_binned_sums(conf, pred == y, 15))["cal/ECE"])
+            eces.append(binned_errors(*binned_sums(conf, pred == y, 15))["cal/ECE"])
         best = int(np.argmin(eces))
         self.sigma = float(self.sigmas[best])
         self.val_ece = float(eces[best])

@@ -88,6 +88,8 @@ __all__ = [
     "adaptive_ece",
     "aurc",
     "bin_indices",
+    "binned_errors",
+    "binned_sums",
     "brier",
     "classwise_ece",
     "compute_all",
@@ -310,9 +312,20 @@ def _top_label(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return conf, (pred == labels)
 
 
-def _binned_sums(
+def binned_sums(
     conf: torch.Tensor, correct: torch.Tensor, n_bins: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-bin sample counts, confidence sums and correct counts (the module's binning).
+
+    Args:
+        conf: Top-label confidences ``(N,)`` in [0, 1].
+        correct: Whether each prediction is correct ``(N,)`` (bool or 0/1).
+        n_bins: Number of equal-width bins (see :func:`bin_indices`).
+
+    Returns:
+        ``(count, sum_conf, sum_correct)``, each float64 ``(n_bins,)``; the input of
+        :func:`binned_errors`.
+    """
     idx = bin_indices(conf, n_bins)
     count = torch.bincount(idx, minlength=n_bins).double()
     sconf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf.double())
@@ -320,7 +333,17 @@ def _binned_sums(
     return count, sconf, sacc
 
 
-def _binned_errors(count: torch.Tensor, sconf: torch.Tensor, sacc: torch.Tensor) -> dict:
+def binned_errors(count: torch.Tensor, sconf: torch.Tensor, sacc: torch.Tensor) -> dict[str, float]:
+    """ECE, MCE, OE and UE from the per-bin sums of :func:`binned_sums`.
+
+    Args:
+        count: Samples per bin.
+        sconf: Sum of the confidences in each bin.
+        sacc: Number of correct predictions in each bin.
+
+    Returns:
+        ``{"cal/ECE", "cal/MCE", "cal/OE", "cal/UE"}`` as fractions (empty bins are skipped).
+    """
     n = count.sum()
     nz = count > 0
     mconf = sconf[nz] / count[nz]
@@ -499,7 +522,7 @@ def _brier(p: torch.Tensor, y: torch.Tensor) -> float:
 def _top_label_binned(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, float]:
     """ECE, MCE, OE and UE from one pass of top-label equal-width binning."""
     p, y = validate_probs(probs, labels)
-    return _binned_errors(*_binned_sums(*_top_label(p, y), n_bins))
+    return binned_errors(*binned_sums(*_top_label(p, y), n_bins))
 
 
 def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
@@ -742,7 +765,7 @@ def reliability_bins(
         A :class:`ReliabilityBins`.
     """
     p, y = validate_probs(probs, labels)
-    count, sconf, sacc = _binned_sums(*_top_label(p, y), _check_n_bins(n_bins))
+    count, sconf, sacc = binned_sums(*_top_label(p, y), _check_n_bins(n_bins))
     safe = count.clamp(min=1)
     nan = torch.full_like(count, float("nan"))
     return ReliabilityBins(
@@ -829,7 +852,7 @@ def _suite(
         "cls/NLL": rs.nll,
         "cls/Brier": rs.brier,
     }
-    binned = _binned_errors(*_binned_sums(conf, correct, n_bins))
+    binned = binned_errors(*binned_sums(conf, correct, n_bins))
     s_desc, order = torch.sort(conf, descending=True, stable=True)
     c_desc = correct[order]
     out["cal/ECE"] = binned["cal/ECE"]

@@ -9,8 +9,9 @@
   (Geifman & El-Yaniv, "Selective Classification for Deep Neural Networks", NeurIPS 2017;
   AURC as in Geifman et al., ICLR 2019, arXiv 1805.08206).
 
-Files are written atomically (temporary name, then ``os.replace``). The non-interactive Agg backend
-is used, so no display is needed.
+Files are written atomically (temporary name, then ``os.replace``). :func:`write_plots`
+writes the pictures of ``csm evaluate``. The non-interactive Agg backend is used, so no display
+is needed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from csm.errors import CSMError  # noqa: E402
@@ -63,6 +65,68 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
+def _draw_diagram(ax: Axes, p: ReliabilityPanel, first: bool) -> None:
+    """Per-bin accuracy bars, the gap to the bin's mean confidence, and the diagonal."""
+    edges = p.edges.double().cpu()
+    left, width = edges[:-1], edges[1:] - edges[:-1]
+    count = p.count.double().cpu()
+    acc = torch.where(count > 0, p.accuracy.double().cpu(), torch.zeros_like(count))
+    conf = torch.where(count > 0, p.confidence.double().cpu(), torch.zeros_like(count))
+    ax.bar(
+        left,
+        acc,
+        width=width,
+        align="edge",
+        color="#3b75af",
+        edgecolor="black",
+        linewidth=0.5,
+        label="accuracy",
+    )
+    gap_lo, gap_hi = torch.minimum(acc, conf), torch.maximum(acc, conf)
+    ax.bar(
+        left,
+        gap_hi - gap_lo,
+        bottom=gap_lo,
+        width=width,
+        align="edge",
+        color="#d62728",
+        alpha=0.3,
+        edgecolor="#d62728",
+        hatch="//",
+        linewidth=0.5,
+        label="gap to confidence",
+    )
+    ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    head = p.label if p.ece is None else f"{p.label}  (ECE {100 * p.ece:.2f}%)"
+    ax.set_title(head, fontsize=9)
+    if first:
+        ax.set_ylabel("accuracy")
+        ax.legend(loc="upper left", fontsize=7)
+
+
+def _draw_histogram(ax: Axes, p: ReliabilityPanel, first: bool) -> None:
+    """Share of samples per bin, with the mean accuracy and mean confidence marked."""
+    edges = p.edges.double().cpu()
+    left, width = edges[:-1], edges[1:] - edges[:-1]
+    count = p.count.double().cpu()
+    total = float(count.sum())
+    share = count / total if total > 0 else count
+    ax.bar(
+        left, share, width=width, align="edge", color="#7f7f7f", edgecolor="black", linewidth=0.5
+    )
+    if total > 0:
+        mean_acc = float((p.accuracy.double().cpu() * count).nansum() / total)
+        mean_conf = float((p.confidence.double().cpu() * count).nansum() / total)
+        ax.axvline(mean_acc, color="#3b75af", linestyle="-", linewidth=1.2, label="mean acc")
+        ax.axvline(mean_conf, color="#d62728", linestyle="--", linewidth=1.2, label="mean conf")
+    ax.set_xlabel("confidence")
+    if first:
+        ax.set_ylabel("share")
+        ax.legend(loc="upper left", fontsize=6)
+
+
 def reliability_figure(panels: Sequence[ReliabilityPanel], title: str = "") -> Figure:
     """Build the reliability-diagram figure (one column per panel) without saving it.
 
@@ -89,67 +153,8 @@ def reliability_figure(panels: Sequence[ReliabilityPanel], title: str = "") -> F
     for i, p in enumerate(panels):
         top, bottom = axes[0, i], axes[1, i]
         ordered += [top, bottom]
-        edges = p.edges.double().cpu()
-        left, width = edges[:-1], edges[1:] - edges[:-1]
-        count = p.count.double().cpu()
-        acc = torch.where(count > 0, p.accuracy.double().cpu(), torch.zeros_like(count))
-        conf = torch.where(count > 0, p.confidence.double().cpu(), torch.zeros_like(count))
-        top.bar(
-            left,
-            acc,
-            width=width,
-            align="edge",
-            color="#3b75af",
-            edgecolor="black",
-            linewidth=0.5,
-            label="accuracy",
-        )
-        gap_lo, gap_hi = torch.minimum(acc, conf), torch.maximum(acc, conf)
-        top.bar(
-            left,
-            gap_hi - gap_lo,
-            bottom=gap_lo,
-            width=width,
-            align="edge",
-            color="#d62728",
-            alpha=0.3,
-            edgecolor="#d62728",
-            hatch="//",
-            linewidth=0.5,
-            label="gap to confidence",
-        )
-        top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1)
-        top.set_xlim(0, 1)
-        top.set_ylim(0, 1)
-        head = p.label if p.ece is None else f"{p.label}  (ECE {100 * p.ece:.2f}%)"
-        top.set_title(head, fontsize=9)
-        if i == 0:
-            top.set_ylabel("accuracy")
-            top.legend(loc="upper left", fontsize=7)
-        total = float(count.sum())
-        share = count / total if total > 0 else count
-        bottom.bar(
-            left,
-            share,
-            width=width,
-            align="edge",
-            color="#7f7f7f",
-            edgecolor="black",
-            linewidth=0.5,
-        )
-        if total > 0:
-            mean_acc = float((p.accuracy.double().cpu() * count).nansum() / total)
-            mean_conf = float((p.confidence.double().cpu() * count).nansum() / total)
-            bottom.axvline(
-                mean_acc, color="#3b75af", linestyle="-", linewidth=1.2, label="mean acc"
-            )
-            bottom.axvline(
-                mean_conf, color="#d62728", linestyle="--", linewidth=1.2, label="mean conf"
-            )
-        bottom.set_xlabel("confidence")
-        if i == 0:
-            bottom.set_ylabel("share")
-            bottom.legend(loc="upper left", fontsize=6)
+        _draw_diagram(top, p, i == 0)
+        _draw_histogram(bottom, p, i == 0)
     if title:
         fig.suptitle(title, fontsize=10)
     fig._csm_axes = ordered  # type: ignore[attr-defined]  (stable order for tests)
@@ -233,3 +238,60 @@ def plot_risk_coverage(
         The path written.
     """
     return _save(risk_coverage_figure(curves, title), path)
+
+
+def reliability_panel(
+    label: str, probs: torch.Tensor, labels: torch.Tensor, n_bins: int
+) -> ReliabilityPanel:
+    """A :class:`ReliabilityPanel` of probabilities ``(N, K)`` against labels ``(N,)``
+    (:func:`csm.calibration.metrics.reliability_bins`: equal-width bins, ECE printed)."""
+    from csm.calibration.metrics import reliability_bins
+
+    b = reliability_bins(probs, labels, n_bins)
+    return ReliabilityPanel(
+        label=label,
+        edges=torch.tensor(b.edges),
+        accuracy=torch.tensor(b.accuracy),
+        confidence=torch.tensor(b.confidence),
+        count=torch.tensor(b.counts),
+        ece=b.ece,
+    )
+
+
+def write_plots(
+    pooled: Mapping[str, Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]]],
+    out: str | os.PathLike,
+    n_bins: int,
+    seeds: Mapping[str, int],
+) -> list[Path]:
+    """Write ``reliability/<group>.png`` per method and ``risk_coverage.png`` (``csm evaluate``).
+
+    Args:
+        pooled: Per leaderboard group, per calibrator (panel order), the ``(probs, labels)`` of
+            the clean test split of each run; the runs (seeds) are pooled.
+        out: The output folder.
+        n_bins: Equal-width bins of the diagrams.
+        seeds: Number of runs pooled per group (stated in the titles).
+
+    Returns:
+        The paths written.
+    """
+    out = Path(out)
+    written = []
+    curves = {}
+    for group, by_cal in pooled.items():
+        panels = []
+        for cal_name, parts in by_cal.items():
+            probs = torch.cat([p for p, _ in parts])
+            labels = torch.cat([y for _, y in parts])
+            panels.append(reliability_panel(cal_name, probs, labels, n_bins))
+            if cal_name == "none":
+                conf, pred = probs.max(-1)
+                curves[group] = risk_coverage_curve(conf, pred == labels)
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in group)
+        title = f"{group}: clean test, {seeds[group]} seed(s) pooled, {n_bins} equal-width bins"
+        written.append(plot_reliability(panels, out / "reliability" / f"{safe}.png", title=title))
+    if curves:
+        title = "Risk-coverage on clean test (no calibrator)"
+        written.append(plot_risk_coverage(curves, out / "risk_coverage.png", title=title))
+    return written

@@ -8,8 +8,13 @@ and the unconditional noise prediction needed by classifier-free guidance, and s
 
 Training follows the DDPM noise-prediction objective (Ho et al., 2020): ``x0`` in ``[-1, 1]``,
 uniform timesteps, MSE between the true and the predicted noise, with AdamW, linear warm-up then
-cosine decay, gradient-norm clipping, an exponential moving average (EMA) of the weights, bf16 on a
-GPU, and `accelerate <https://huggingface.co/docs/accelerate>`_ for multi-device runs.
+cosine decay, gradient-norm clipping, an exponential moving average of the weights (diffusers'
+``EMAModel``: decay ``min(ema_decay, (1 + s) / (10 + s))`` at step ``s >= 1``, a plain copy at step
+0), bf16 on a GPU, and `accelerate <https://huggingface.co/docs/accelerate>`_ for multi-device runs:
+``accelerate launch --multi_gpu --num_processes 2 -m csm fit-diffusion ...`` trains one model with
+DDP (gloo on a CPU machine), each process on its share of the global ``--batch-size``; the
+learning-rate schedule advances once per optimizer step whatever the process count, and only the
+main process writes.
 
 Output folder (``--out``)::
 
@@ -17,13 +22,18 @@ Output folder (``--out``)::
                                           model_index.json records the class names
     training_config.json, config.yaml     the resolved FitDiffusionConfig, preset values filled in,
                                           plus dataset, class names, steps done, final loss
+    training_log.csv                      step,lr,loss of every optimizer step (the learning rate
+                                          that step used; the loss averaged over all processes)
     samples.png                           one row per class (pure-class samples of the EMA model)
-    checkpoints/step-XXXXXXX/             resumable state (--resume), every --checkpoint-every steps
+    checkpoints/step-XXXXXXX/             resumable state (--resume) every --checkpoint-every steps:
+                                          accelerate ``save_state`` (model, optimizer, scheduler,
+                                          RNG, the diffusers ``EMAModel``), state.json and the log
 
 The pipeline files appear only when training is complete (``model_index.json`` last), so a folder
 with ``model_index.json`` is always a finished model. Every random choice (parameter init, batch
-order, noise, timesteps, label dropout) is derived from ``--seed`` and the step number, so a run
-resumed from a checkpoint continues exactly like an uninterrupted one.
+order, noise, timesteps, label dropout) is derived from ``--seed`` and the step number (drawn for
+the whole global batch, then split across the processes), so a run resumed from a checkpoint
+continues exactly like an uninterrupted one, and the processes see the numbers one process would.
 
 References:
     Ho, Jain, Abbeel. "Denoising Diffusion Probabilistic Models." NeurIPS 2020.
@@ -34,6 +44,7 @@ References:
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import math
@@ -46,17 +57,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import broadcast_object_list
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
-from safetensors.torch import load_file, save_file
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from csm.config import config_to_dict, save_config
+from csm.data.real import RealData, load_real
 from csm.errors import CSMError
 from csm.generation.pipeline import CSMMixingPipeline, build_unet
-from csm.utils import atomic_path, atomic_write_text
+from csm.utils import atomic_path, atomic_write_text, distributed_state, process_rows
 
 logger = logging.getLogger(__name__)
+
+LOG_NAME = "training_log.csv"
 
 __all__ = ["PRESETS", "FitDiffusionConfig", "Preset", "fit_diffusion", "image_grid"]
 
@@ -188,9 +204,13 @@ def _validate(cfg: FitDiffusionConfig, r: dict) -> None:
         raise CSMError("--resume and --overwrite: pick one (continue, or start over)")
 
 
-def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """Per-step generator: noise of step ``step`` never depends on earlier steps (exact resume)."""
-    s = np.random.SeedSequence([seed, step, rank, 0x6469]).generate_state(1, dtype=np.uint64)[0]
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    """Per-step generator: noise of step ``step`` never depends on earlier steps (exact resume).
+
+    The draws cover the whole global batch and every process takes its own rows, so the random
+    numbers of a step do not depend on the number of processes.
+    """
+    s = np.random.SeedSequence([seed, step, 0, 0x6469]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(s))
 
 
@@ -209,28 +229,6 @@ def _checkpoints(out: Path) -> list[Path]:
     if not d.is_dir():
         return []
     return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-"))
-
-
-def _save_checkpoint(out: Path, step: int, unet, ema_unet, optimizer, lr_sched, meta, keep: int):
-    final = out / "checkpoints" / f"step-{step:07d}"
-    tmp = out / "checkpoints" / f".tmp-step-{step:07d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tmp / "unet.safetensors")
-    save_file(
-        {k: v.contiguous() for k, v in ema_unet.state_dict().items()}, tmp / "ema.safetensors"
-    )
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict()},
-        tmp / "optimizer.pt",
-    )
-    (tmp / "state.json").write_text(json.dumps({**meta, "step": step}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in _checkpoints(out)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _prepare_out(cfg: FitDiffusionConfig) -> Path:
@@ -254,32 +252,50 @@ def _prepare_out(cfg: FitDiffusionConfig) -> Path:
     return out
 
 
-def fit_diffusion(cfg: FitDiffusionConfig) -> Path:
-    """Train a class-conditional UNet on ``cfg.dataset`` and save a :class:`CSMMixingPipeline`.
+def _main_prepares_out(cfg: FitDiffusionConfig, accelerator: Accelerator) -> Path:
+    """The main process checks and creates ``--out``; its refusal reaches every process."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            _prepare_out(cfg)
+        except CSMError as exc:
+            if accelerator.num_processes == 1:
+                raise
+            error = str(exc)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise CSMError(error)
+    return Path(cfg.out)
 
-    Args:
-        cfg: Resolved configuration.
 
-    Returns:
-        The output folder (load it with ``CSMMixingPipeline.from_pretrained``).
+@dataclass
+class _Run:
+    """Everything one training session works with (built by :func:`_setup`)."""
 
-    Raises:
-        CSMError: Bad option, unknown dataset, an output folder in the way, a checkpoint from a
-            different dataset or config.
-    """
-    from accelerate import Accelerator
+    cfg: FitDiffusionConfig
+    r: dict
+    preset: Preset
+    data: RealData
+    hflip: bool
+    out: Path
+    accelerator: Accelerator
+    mixed_precision: str
+    unet: torch.nn.Module
+    noise_sched: DDPMScheduler
+    optimizer: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel
+    record: dict
+    identity: dict
+    log: list[tuple[int, float, float]] = field(default_factory=list)  # (step, lr, loss)
+    start: int = 0
 
-    from csm.data.real import load_real
 
-    r = _resolved(cfg)
-    _validate(cfg, r)
-    if cfg.num_threads is not None:
-        if cfg.num_threads < 1:
-            raise CSMError(f"--num-threads {cfg.num_threads}: must be >= 1")
-        torch.set_num_threads(cfg.num_threads)
-    preset = PRESETS[cfg.preset]
+def _load_data(cfg: FitDiffusionConfig, r: dict, preset: Preset) -> RealData:
+    """The real dataset, checked to be square and divisible by the preset's down-sampling."""
     data = load_real(cfg.dataset, image_size=r["image_size"], seed=cfg.split_seed)
-    c, h, w = data.image_shape
+    _, h, w = data.image_shape
     if h != w:
         raise CSMError(
             f"--dataset {cfg.dataset}: images are {h}x{w}; pass --image-size to make them square"
@@ -290,23 +306,68 @@ def fit_diffusion(cfg: FitDiffusionConfig) -> Path:
             f"--image-size {h}: must be divisible by {2**n_down} for preset {cfg.preset!r}; "
             f"e.g. --image-size {max(2**n_down, h - h % 2**n_down)}"
         )
-    hflip = data.allow_hflip if cfg.hflip is None else cfg.hflip
-    out = _prepare_out(cfg)
+    return data
 
+
+def _make_accelerator(cfg: FitDiffusionConfig, batch_size: int) -> tuple[Accelerator, str]:
+    """An ``Accelerator`` over :func:`csm.utils.distributed_state` (gloo DDP on CPU machines).
+
+    ``--batch-size`` is the global batch, split across the processes (``split_batches=True``), so
+    accelerate's prepared scheduler advances once per optimizer step whatever the process count.
+    """
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mp)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if r["batch_size"] % world:
+    state = distributed_state()
+    if batch_size % state.num_processes:
         raise CSMError(
-            f"--batch-size {r['batch_size']}: must be divisible by the {world} processes"
+            f"--batch-size {batch_size}: must be divisible by the {state.num_processes} processes"
         )
+    accelerator = Accelerator(
+        mixed_precision=mp,
+        cpu=state.device.type == "cpu",
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
+    return accelerator, mp
 
+
+def _records(
+    cfg: FitDiffusionConfig, r: dict, preset: Preset, data: RealData, hflip: bool
+) -> tuple[dict, dict]:
+    """The record written to ``training_config.json`` and the keys a checkpoint must match."""
+    record = {
+        **config_to_dict(cfg),
+        **r,
+        "hflip": hflip,
+        "dataset_spec": data.spec,
+        "class_names": data.class_names,
+        "image_shape": list(data.image_shape),
+        "block_out_channels": list(preset.block_out_channels),
+        "layers_per_block": preset.layers_per_block,
+        "attention": preset.attention,
+        "num_train_timesteps": preset.num_train_timesteps,
+    }
+    keys = ("dataset_spec", "class_names", "image_shape", "preset", "seed", "steps", "batch_size")
+    return record, {key: record[key] for key in keys}
+
+
+def _setup(cfg: FitDiffusionConfig) -> _Run:
+    """Check the options, load the data, build the model, optimiser, schedules and EMA."""
+    r = _resolved(cfg)
+    _validate(cfg, r)
+    if cfg.num_threads is not None:
+        if cfg.num_threads < 1:
+            raise CSMError(f"--num-threads {cfg.num_threads}: must be >= 1")
+        torch.set_num_threads(cfg.num_threads)
+    preset = PRESETS[cfg.preset]
+    data = _load_data(cfg, r, preset)
+    hflip = data.allow_hflip if cfg.hflip is None else cfg.hflip
+    accelerator, mp = _make_accelerator(cfg, r["batch_size"])
+    out = _main_prepares_out(cfg, accelerator)
+    c, h, _ = data.image_shape
     torch.manual_seed(cfg.seed)
-    k = data.num_classes
     unet = build_unet(
-        k,
+        data.num_classes,
         image_size=h,
         in_channels=c,
         block_out_channels=preset.block_out_channels,
@@ -322,134 +383,206 @@ def fit_diffusion(cfg: FitDiffusionConfig) -> Path:
     )
     optimizer = torch.optim.AdamW(unet.parameters(), lr=r["lr"], weight_decay=cfg.weight_decay)
     lr_sched = get_cosine_schedule_with_warmup(optimizer, r["warmup_steps"], r["steps"])
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
-
-    record = {
-        **config_to_dict(cfg),
-        **r,
-        "hflip": hflip,
-        "dataset_spec": data.spec,
-        "class_names": data.class_names,
-        "image_shape": [c, h, w],
-        "block_out_channels": list(preset.block_out_channels),
-        "layers_per_block": preset.layers_per_block,
-        "attention": preset.attention,
-        "num_train_timesteps": preset.num_train_timesteps,
-    }
-    identity = {
-        key: record[key]
-        for key in ("dataset_spec", "class_names", "image_shape", "preset", "seed", "steps")
-    }
-    identity["batch_size"] = r["batch_size"]
-
-    start = 0
-    ckpts = _checkpoints(out)
-    if cfg.resume and ckpts:
-        last = ckpts[-1]
-        meta = json.loads((last / "state.json").read_text())
-        for key, val in identity.items():
-            if meta.get(key) != val:
-                raise CSMError(
-                    f"--resume: checkpoint {last} was made with {key}={meta.get(key)!r}, not "
-                    f"{val!r}; pass the original options or --overwrite to start over"
-                )
-        unet.load_state_dict(load_file(last / "unet.safetensors"))
-        ema_unet.load_state_dict(load_file(last / "ema.safetensors"))
-        opt_state = torch.load(last / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        lr_sched.load_state_dict(opt_state["lr_scheduler"])
-        start = int(meta["step"])
-        logger.info("resuming from %s (step %d)", last, start)
-    elif cfg.resume:
-        logger.info("--resume: no checkpoint in %s; starting from step 0", out)
-
+    # decay min(ema_decay, (1 + s) / (10 + s)) at 0-based step s >= 1; a plain copy at s = 0
+    ema = EMAModel(unet.parameters(), decay=r["ema_decay"], update_after_step=0, foreach=True)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
-    ema_unet.to(accelerator.device)
-    images = data.train.images
-    labels = data.train.labels
-    n = len(labels)
-    local_b = r["batch_size"] // world
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    record, identity = _records(cfg, r, preset, data, hflip)
+    return _Run(
+        cfg=cfg,
+        r=r,
+        preset=preset,
+        data=data,
+        hflip=hflip,
+        out=out,
+        accelerator=accelerator,
+        mixed_precision=mp,
+        unet=unet,
+        noise_sched=noise_sched,
+        optimizer=optimizer,
+        lr_sched=lr_sched,
+        ema=ema,
+        record=record,
+        identity=identity,
+    )
 
-    unet.train()
+
+def _read_log(path: Path) -> list[tuple[int, float, float]]:
+    rows = list(csv.reader(path.read_text().splitlines()))[1:]
+    return [(int(s), float(lr), float(loss)) for s, lr, loss in rows]
+
+
+def _write_log(rows: list[tuple[int, float, float]], path: Path) -> None:
+    """``step,lr,loss`` of every optimizer step (lr as used by that step, loss over all ranks)."""
+    lines = ["step,lr,loss"] + [f"{s},{lr!r},{loss!r}" for s, lr, loss in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _resume(run: _Run) -> None:
+    """Restore the last checkpoint with ``Accelerator.load_state`` (``--resume``)."""
+    ckpts = _checkpoints(run.out)
+    if not (run.cfg.resume and ckpts):
+        if run.cfg.resume:
+            logger.info("--resume: no checkpoint in %s; starting from step 0", run.out)
+        return
+    last = ckpts[-1]
+    meta = json.loads((last / "state.json").read_text())
+    expected = {**run.identity, "num_processes": run.accelerator.num_processes}
+    for key, val in expected.items():
+        if meta.get(key) != val:
+            raise CSMError(
+                f"--resume: checkpoint {last} was made with {key}={meta.get(key)!r}, not "
+                f"{val!r}; pass the original options (and process count) or --overwrite to "
+                "start over"
+            )
+    run.accelerator.load_state(str(last))
+    run.ema.to(run.accelerator.device)
+    run.start = int(meta["step"])
+    run.log = [row for row in _read_log(last / LOG_NAME) if row[0] < run.start]
+    logger.info("resuming from %s (step %d)", last, run.start)
+
+
+def _save_checkpoint(run: _Run, step: int) -> None:
+    """``Accelerator.save_state`` (model, optimizer, scheduler, EMA, RNG) into ``step-XXXXXXX``.
+
+    Every process takes part (each saves its RNG state); the main process then writes
+    ``state.json`` and the training log, renames the folder into place and prunes old ones.
+    """
+    acc = run.accelerator
+    final = run.out / "checkpoints" / f"step-{step:07d}"
+    tmp = run.out / "checkpoints" / f".tmp-step-{step:07d}"
+    acc.wait_for_everyone()
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    meta = {**run.identity, "num_processes": acc.num_processes, "step": step}
+    atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
+    _write_log(run.log, tmp / LOG_NAME)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    keep = run.cfg.keep_checkpoints
+    for old in _checkpoints(run.out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _noisy_batch(run: _Run, step: int) -> tuple[torch.Tensor, ...]:
+    """This process's share of step ``step``: noisy images, labels, timesteps and true noise.
+
+    The random draws are made for the whole global batch (one generator per step) and sliced, so
+    one process and several see exactly the same numbers.
+    """
+    cfg, acc = run.cfg, run.accelerator
+    idx = _batch_indices(len(run.data.train.labels), run.r["batch_size"], step, cfg.seed)
+    b = len(idx)
+    mine = process_rows(b, acc.process_index, acc.num_processes)
+    g = _step_generator(cfg.seed, step)
+    flip = torch.rand(b, generator=g)[mine] < 0.5 if run.hflip else None
+    drop = torch.rand(b, generator=g)[mine] < cfg.label_dropout
+    shape = (b, *run.data.image_shape)
+    noise = torch.randn(shape, generator=g)[mine]
+    t = torch.randint(0, run.preset.num_train_timesteps, (b,), generator=g)[mine]
+    idx = idx[mine]
+    x0 = run.data.train.images[idx].float().div(127.5).sub(1.0)
+    if flip is not None:
+        x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+    y = run.data.train.labels[idx].clone()
+    y[drop] = run.data.num_classes  # the null row
+    xt = run.noise_sched.add_noise(x0, noise, t)
+    return tuple(v.to(acc.device) for v in (xt, y, t, noise))
+
+
+def _train_step(run: _Run, step: int) -> float:
+    """One optimizer step (DDP-synchronised) and one EMA update; returns the all-rank mean loss."""
+    acc = run.accelerator
+    xt, y, t, noise = _noisy_batch(run, step)
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    with acc.autocast():
+        pred = run.unet(xt, t, class_labels=y).sample
+    loss = F.mse_loss(pred.float(), noise.float())
+    acc.backward(loss)
+    if run.cfg.grad_clip > 0:
+        acc.clip_grad_norm_(run.unet.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    run.lr_sched.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ema.step(acc.unwrap_model(run.unet).parameters())
+    loss_val = float(acc.reduce(loss.detach(), reduction="mean"))
+    run.log.append((step, lr, loss_val))
+    return loss_val
+
+
+def _train(run: _Run) -> float:
+    """Steps ``run.start .. steps - 1`` with checkpoints; returns the smoothed loss."""
+    steps = run.r["steps"]
+    run.unet.train()
     bar = tqdm(
-        range(start, r["steps"]),
-        initial=start,
-        total=r["steps"],
+        range(run.start, steps),
+        initial=run.start,
+        total=steps,
         desc="fit-diffusion",
-        disable=not accelerator.is_local_main_process,
+        disable=not run.accelerator.is_local_main_process,
     )
     ema_loss = None
-    t0 = time.perf_counter()
-    loss_val = float("nan")
     for step in bar:
-        idx = _batch_indices(n, r["batch_size"], step, cfg.seed)
-        idx = idx[rank * local_b : (rank + 1) * local_b]
-        g = _step_generator(cfg.seed, step, rank)
-        x0 = images[idx].float().div(127.5).sub(1.0)
-        y = labels[idx].clone()
-        if hflip:
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
-        drop = torch.rand(len(idx), generator=g) < cfg.label_dropout
-        y[drop] = k  # the null row
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, preset.num_train_timesteps, (len(idx),), generator=g)
-        xt = noise_sched.add_noise(x0, noise, t)
-        xt, y, t, noise = (v.to(accelerator.device) for v in (xt, y, t, noise))
-        with accelerator.autocast():
-            pred = unet(xt, t, class_labels=y).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        optimizer.step()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        # EMA with the usual warm-up of the decay (1 + n) / (10 + n)
-        decay = min(r["ema_decay"], (1 + step) / (10 + step))
-        with torch.no_grad():
-            src = list(accelerator.unwrap_model(unet).parameters())
-            dst = list(ema_unet.parameters())
-            torch._foreach_lerp_(dst, [p.detach() for p in src], 1.0 - decay)
-        loss_val = float(loss.detach())
+        loss_val = _train_step(run, step)
         ema_loss = loss_val if ema_loss is None else 0.98 * ema_loss + 0.02 * loss_val
-        bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr_sched.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{run.lr_sched.get_last_lr()[0]:.2e}")
         done = step + 1
-        if (done % cfg.checkpoint_every == 0 or done == r["steps"]) and done < r["steps"]:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                _save_checkpoint(
-                    out,
-                    done,
-                    accelerator.unwrap_model(unet),
-                    ema_unet,
-                    optimizer,
-                    lr_sched,
-                    identity,
-                    cfg.keep_checkpoints,
-                )
+        if done % run.cfg.checkpoint_every == 0 and done < steps:
+            _save_checkpoint(run, done)
     bar.close()
-    train_seconds = time.perf_counter() - t0
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return out
+    return ema_loss
 
-    ema_unet = ema_unet.to("cpu").eval()
-    sampler = DDIMScheduler.from_config(noise_sched.config)
-    pipe = CSMMixingPipeline(unet=ema_unet, scheduler=sampler, class_names=data.class_names)
+
+def fit_diffusion(cfg: FitDiffusionConfig) -> Path:
+    """Train a class-conditional UNet on ``cfg.dataset`` and save a :class:`CSMMixingPipeline`.
+
+    Under ``accelerate launch`` the processes train one model together (DDP; the global batch
+    is split across them) and only the main process writes.
+
+    Args:
+        cfg: Resolved configuration.
+
+    Returns:
+        The output folder (load it with ``CSMMixingPipeline.from_pretrained``).
+
+    Raises:
+        CSMError: Bad option, unknown dataset, an output folder in the way, a checkpoint from a
+            different dataset or config.
+    """
+    run = _setup(cfg)
+    _resume(run)
+    t0 = time.perf_counter()
+    ema_loss = _train(run)
+    train_seconds = time.perf_counter() - t0
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return run.out
+    ema_unet = copy.deepcopy(acc.unwrap_model(run.unet)).to("cpu").eval()
+    run.ema.copy_to(ema_unet.parameters())
+    sampler = DDIMScheduler.from_config(run.noise_sched.config)
+    pipe = CSMMixingPipeline(unet=ema_unet, scheduler=sampler, class_names=run.data.class_names)
     pipe.set_progress_bar_config(disable=True)
-    record.update(
-        steps_done=r["steps"],
+    run.record.update(
+        steps_done=run.r["steps"],
         final_loss_ema=ema_loss,
-        last_loss=loss_val,
+        last_loss=run.log[-1][2] if run.log else float("nan"),
         train_seconds_this_session=round(train_seconds, 1),
-        resumed_from_step=start,
-        mixed_precision=mp,
-        num_processes=world,
+        resumed_from_step=run.start,
+        mixed_precision=run.mixed_precision,
+        num_processes=acc.num_processes,
     )
-    _write_pipeline(pipe, out, record, cfg)
-    logger.info("saved model to %s (train %.1fs, loss %.4f)", out, train_seconds, ema_loss or 0)
-    return out
+    _write_log(run.log, run.out / LOG_NAME)
+    _write_pipeline(pipe, run.out, run.record, cfg)
+    logger.info("saved model to %s (train %.1fs, loss %.4f)", run.out, train_seconds, ema_loss or 0)
+    return run.out
 
 
 def _write_pipeline(pipe: CSMMixingPipeline, out: Path, record: dict, cfg) -> None:
@@ -484,14 +617,3 @@ def _write_pipeline(pipe: CSMMixingPipeline, out: Path, record: dict, cfg) -> No
     os.replace(tmp / "model_index.json", out / "model_index.json")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
-
-def load_training_config(model_dir: str | os.PathLike) -> dict:
-    """The ``training_config.json`` of a model folder written by :func:`fit_diffusion`."""
-    f = Path(model_dir) / "training_config.json"
-    if not f.is_file():
-        raise CSMError(
-            f"{model_dir}: no training_config.json; the folder was not written by "
-            "`csm fit-diffusion` (or training did not finish)"
-        )
-    return json.loads(f.read_text())

@@ -61,9 +61,9 @@ class GenerateConfig:
 def _versions() -> dict[str, str]:
     import diffusers
 
-    import csm
+    from csm import __version__
 
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "csm": csm.__version__}
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "csm": __version__}
 
 
 def generation_info(cfg: GenerateConfig, pipe: Any, model_ref: str) -> dict[str, Any]:
@@ -148,56 +148,62 @@ def generate_shard(
     writer.write_shard(index, np.concatenate(chunks), a, b, lam, gid, seeds)
 
 
-def generate(cfg: GenerateConfig) -> str:
-    """Run ``csm generate`` (see module docstring); returns a one-line summary."""
-    from accelerate import PartialState
+def _open_writer(cfg: GenerateConfig, state: Any, shard_args: tuple) -> SyntheticWriter:
+    """The main process creates (or re-opens) the dataset; the others re-open it after it.
 
+    A refusal in the main process (dataset in the way, different parameters) is broadcast, so
+    every process raises the same :class:`CSMError` instead of hanging or writing into it.
+    """
     from csm.config import save_config
-    from csm.generation.pipeline import CSMMixingPipeline
-    from csm.utils import resolve_device
 
-    _check(cfg)
-    state = PartialState()
-    path = Path(cfg.model)
-    model_ref = str(path.resolve()) if path.exists() else cfg.model
-    pipe = CSMMixingPipeline.from_pretrained(cfg.model)
-    pipe.set_scheduler(cfg.scheduler)
-    device = state.device if state.num_processes > 1 else resolve_device(cfg.device)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    info = generation_info(cfg, pipe, model_ref)
-    shard_args = (cfg.out, pipe.class_names, info, cfg.groups_per_shard, cfg.groups)
-    error: CSMError | None = None
+    error: str | None = None
+    writer = None
     if state.is_main_process:
         try:
             writer = SyntheticWriter(*shard_args, resume=cfg.resume, overwrite=cfg.overwrite)
             save_config(cfg, Path(cfg.out) / ".csm", name="generate_config.yaml")
         except CSMError as exc:
-            error = exc
+            if state.num_processes == 1:
+                raise
+            error = str(exc)
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        # every process learns whether the main one could open the dataset (no hang, no
-        # writing into a directory the main process refused)
-        flag = broadcast_object_list([None if error is None else str(error)])[0]
-        if flag is not None and error is None:
-            error = CSMError(flag)
+        error = broadcast_object_list([error])[0]
     if error is not None:
-        raise error
-    if not state.is_main_process:
-        writer = SyntheticWriter(*shard_args, resume=True)
-    mine = [i for i in writer.pending_shards() if i % state.num_processes == state.process_index]
+        raise CSMError(error)
+    return writer if writer is not None else SyntheticWriter(*shard_args, resume=True)
+
+
+def generate(cfg: GenerateConfig) -> str:
+    """Run ``csm generate`` (see module docstring); returns a one-line summary.
+
+    Under ``accelerate launch`` (``csm.utils.distributed_state``: gloo on CPU machines, one GPU
+    per process otherwise) shard ``i`` of the pending shards is written by process ``i mod P``;
+    the main process finalises the dataset once every process is done.
+    """
+    from csm.generation.pipeline import CSMMixingPipeline
+    from csm.utils import distributed_state, resolve_device
+
+    _check(cfg)
+    state = distributed_state()
+    rank, world = state.process_index, state.num_processes
+    path = Path(cfg.model)
+    model_ref = str(path.resolve()) if path.exists() else cfg.model
+    pipe = CSMMixingPipeline.from_pretrained(cfg.model)
+    pipe.set_scheduler(cfg.scheduler)
+    pipe.to(state.device if world > 1 else resolve_device(cfg.device))
+    pipe.set_progress_bar_config(disable=True)
+    info = generation_info(cfg, pipe, model_ref)
+    shard_args = (cfg.out, pipe.class_names, info, cfg.groups_per_shard, cfg.groups)
+    writer = _open_writer(cfg, state, shard_args)
+    mine = [i for i in writer.pending_shards() if i % world == rank]
+    state.wait_for_everyone()  # every process has listed the pending shards before any writes
+    logger.info("process %d of %d: shards %s of %d to write", rank, world, mine, writer.num_shards)
     total_rows = sum(len(writer.shard_groups(i)) for i in mine) * cfg.group_size
-    if len(mine) < writer.num_shards:
-        logger.info(
-            "process %d: %d of %d shards to write",
-            state.process_index,
-            len(mine),
-            writer.num_shards,
-        )
     with tqdm(
         total=total_rows,
-        desc=f"generate[{state.process_index}]",
+        desc=f"generate[{rank}]",
         unit="img",
         disable=not state.is_local_main_process,
     ) as bar:

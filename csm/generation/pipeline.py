@@ -263,22 +263,6 @@ class CSMMixingPipeline(DiffusionPipeline):
                 "use a model trained on this dataset (csm fit-diffusion --dataset ...)"
             )
 
-    def generator_identity(
-        self, num_inference_steps: int, guidance_scale: float, mix_mode: str = "embedding"
-    ) -> dict:
-        """JSON-able description of how images are generated (stored with every sample)."""
-        import diffusers
-
-        return {
-            "model": str(self.name_or_path) if getattr(self, "name_or_path", None) else None,
-            "backbone": self.backbone,
-            "scheduler": type(self.scheduler).__name__,
-            "num_inference_steps": int(num_inference_steps),
-            "guidance_scale": float(guidance_scale),
-            "mix_mode": mix_mode,
-            "diffusers": diffusers.__version__,
-        }
-
     def set_scheduler(self, name: str) -> None:
         """Swap the sampler by name (see ``SCHEDULERS``), keeping the noise schedule config."""
         if name not in SCHEDULERS:
@@ -425,13 +409,59 @@ class CSMMixingPipeline(DiffusionPipeline):
         Returns:
             ``ImagePipelineOutput`` with ``.images``.
         """
+        self._check_call(output_type, mix_mode, num_inference_steps)
+        a_idx, b_idx, lams, w, plain = self._conditions(
+            class_a, class_b, lam, class_weights, mix_mode
+        )
+        n, device = len(a_idx), self._execution_device
+        do_cfg = guidance_scale > 1.0
+        w_ext, w_null = self._condition_rows(w, do_cfg)
+        x = self._initial_latents(n, generator, latents, device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        x = x * self.scheduler.init_noise_sigma
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+        branches = self._branches(a_idx, b_idx, w_ext, w_null, plain, mix_mode, do_cfg, device)
+        lam_t = torch.tensor(lams, device=device, dtype=torch.float32).view(n, 1, 1, 1)
+        labels = torch.cat([lab for lab, _ in branches])
+        weights = None if plain else torch.cat([wts for _, wts in branches])
+
+        for t in self.progress_bar(self.scheduler.timesteps):
+            nb = len(branches)
+            x_in = torch.cat([x] * nb) if nb > 1 else x
+            x_in = self.scheduler.scale_model_input(x_in, t)
+            eps = self._denoise(x_in, t, weights, labels).chunk(nb)
+            noise_pred = _combine(eps, do_cfg, lam_t, guidance_scale)
+            x = self.scheduler.step(noise_pred, t, x, **step_kwargs).prev_sample
+
+        images = self._decode(x)
+        if output_type != "pt":
+            images = images.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    # ------------------------------------------------------------------ steps of __call__
+    @staticmethod
+    def _check_call(output_type: str, mix_mode: str, num_inference_steps: int) -> None:
         if output_type not in OUTPUT_TYPES:
             raise CSMError(f"output_type={output_type!r}: choose one of {list(OUTPUT_TYPES)}")
         if mix_mode not in MIX_MODES:
             raise CSMError(f"mix_mode={mix_mode!r}: choose one of {list(MIX_MODES)}")
         if num_inference_steps < 1:
             raise CSMError(f"num_inference_steps={num_inference_steps}: must be >= 1")
-        k = self.num_classes
+
+    def _conditions(self, class_a, class_b, lam, class_weights, mix_mode: str):
+        """Resolve the per-sample condition.
+
+        Returns:
+            ``(a_idx, b_idx, lams, w, plain)``: class indices, λ values, the ``(N, K)`` mixture
+            weights and whether this is plain class-conditional sampling (no mixing).
+        """
         dense = None
         if class_weights is not None:
             dense = self._check_weights(class_weights, mix_mode)
@@ -444,9 +474,7 @@ class CSMMixingPipeline(DiffusionPipeline):
             raise CSMError("class_a: empty; pass at least one class")
         a_idx = [self.class_index(c, "class_a") for c in a_list]
         plain = class_b is None and lam is None and dense is None
-        if dense is not None:
-            b_idx, lams = a_idx, [1.0] * n
-        elif plain:
+        if dense is not None or plain:
             b_idx, lams = a_idx, [1.0] * n
         else:
             if class_b is None or lam is None:
@@ -454,50 +482,48 @@ class CSMMixingPipeline(DiffusionPipeline):
             b_list = [class_b] * n if isinstance(class_b, int | str) else list(class_b)
             b_idx = [self.class_index(c, "class_b") for c in b_list]
             lams = [float(lam)] * n if isinstance(lam, int | float) else [float(v) for v in lam]
-        device = self._execution_device
-        w = mixing_weights(a_idx, b_idx, lams, k)  # validates lengths, ranges and λ
-        if dense is not None:
-            w = dense
-        rows = self._num_rows()
-        null = k  # the null row follows the K class rows
-        do_cfg = guidance_scale > 1.0
+        w = mixing_weights(a_idx, b_idx, lams, self.num_classes)  # validates lengths, ranges, λ
+        return a_idx, b_idx, lams, (w if dense is None else dense), plain
+
+    def _condition_rows(self, w: np.ndarray, do_cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, R)`` weights over the condition table's rows: the mixture, and the null row."""
+        k, rows = self.num_classes, self._num_rows()
         if do_cfg and rows < k + 1:
             raise CSMError(
                 "guidance_scale: the model has no null class row (trained without label dropout); "
                 "use guidance_scale=1"
             )
+        n = len(w)
         w_ext = torch.zeros(n, rows, dtype=torch.float32)
         w_ext[:, :k] = torch.from_numpy(w).float()
         w_null = torch.zeros(n, rows)
-        w_null[:, min(null, rows - 1)] = 1.0
+        w_null[:, min(k, rows - 1)] = 1.0  # the null row follows the K class rows
+        return w_ext, w_null
 
-        # initial noise: per-sample generators make each image's noise independent of the batch
+    def _initial_latents(self, n: int, generator, latents, device) -> torch.Tensor:
+        """Initial noise: per-sample generators make each image's noise independent of the batch."""
         shape = (n, *self._latent_shape())
         model = self.transformer if self.backbone == "dit" else self.unet
-        dtype = model.dtype
         if latents is None:
             if isinstance(generator, list) and len(generator) != n:
                 raise CSMError(
                     f"generator: {len(generator)} generators for {n} samples; pass one per sample"
                 )
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise CSMError(f"latents: shape {tuple(latents.shape)} != expected {shape}")
-            latents = latents.to(device=device, dtype=dtype)
+            return randn_tensor(shape, generator=generator, device=device, dtype=model.dtype)
+        if tuple(latents.shape) != shape:
+            raise CSMError(f"latents: shape {tuple(latents.shape)} != expected {shape}")
+        return latents.to(device=device, dtype=model.dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["generator"] = generator
+    def _branches(self, a_idx, b_idx, w_ext, w_null, plain, mix_mode, do_cfg, device) -> list:
+        """The forward chunks of one denoising step, as ``(labels, weights)`` pairs.
 
+        Unconditional (null) branch first when guiding, then the conditional branch: one with the
+        mixed condition (``embedding``), or one per class (``eps``).
+        """
+        n, rows = len(a_idx), w_ext.shape[1]
         labels_a = torch.tensor(a_idx, device=device)
         labels_b = torch.tensor(b_idx, device=device)
-        labels_null = torch.full((n,), null, device=device)
-        lam_t = torch.tensor(lams, device=device, dtype=torch.float32).view(n, 1, 1, 1)
-
-        # conditional branches of one step, as (labels, weights) per forward chunk
+        labels_null = torch.full((n,), self.num_classes, device=device)
         if plain:
             branches = [(labels_a, None)]
         elif mix_mode == "embedding":
@@ -508,36 +534,22 @@ class CSMMixingPipeline(DiffusionPipeline):
             branches = [(labels_a, onehot_a), (labels_b, onehot_b)]
         if do_cfg:
             branches = [(labels_null, None if plain else w_null), *branches]
+        return branches
 
-        x = latents
-        for t in self.progress_bar(self.scheduler.timesteps):
-            nb = len(branches)
-            x_in = torch.cat([x] * nb) if nb > 1 else x
-            x_in = self.scheduler.scale_model_input(x_in, t)
-            lab = torch.cat([b[0] for b in branches])
-            wts = None if plain else torch.cat([b[1] for b in branches])
-            eps = self._denoise(x_in, t, wts, lab).chunk(nb)
-            if do_cfg:
-                eps_u, eps_c = eps[0], eps[1:]
-            else:
-                eps_u, eps_c = None, eps
-            if len(eps_c) == 2:
-                lt = lam_t.to(eps_c[0].dtype)
-                cond = lt * eps_c[0] + (1 - lt) * eps_c[1]
-            else:
-                cond = eps_c[0]
-            noise_pred = cond if eps_u is None else eps_u + guidance_scale * (cond - eps_u)
-            x = self.scheduler.step(noise_pred, t, x, **step_kwargs).prev_sample
 
-        images = self._decode(x)
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+def _combine(eps: tuple[torch.Tensor, ...], do_cfg: bool, lam_t: torch.Tensor, guidance: float):
+    """The noise prediction of one step from its chunks (null first when guiding).
+
+    Two conditional chunks (``mix_mode="eps"``) are mixed as ``λ·ε_a + (1-λ)·ε_b``; guidance is
+    ``ε_u + s·(ε_c - ε_u)``.
+    """
+    eps_u, eps_c = (eps[0], eps[1:]) if do_cfg else (None, eps)
+    if len(eps_c) == 2:
+        lt = lam_t.to(eps_c[0].dtype)
+        cond = lt * eps_c[0] + (1 - lt) * eps_c[1]
+    else:
+        cond = eps_c[0]
+    return cond if eps_u is None else eps_u + guidance * (cond - eps_u)
 
 
 def build_unet(

@@ -97,6 +97,10 @@ def test_confidence_one_lands_in_last_bin_and_torchmetrics_difference_is_documen
     out = M.compute_all(z, y)
     for key in hand:
         assert out[key] == pytest.approx(hand[key], abs=1e-9), key
+    count, sconf, sacc = M.binned_sums(c, a, 15)  # the public kernels the calibrators use
+    assert int(count[-1]) == int((c >= 14 / 15).sum()) and float(count.sum()) == 200
+    for key, value in M.binned_errors(count, sconf, sacc).items():
+        assert value == pytest.approx(hand[key], abs=1e-9), key
     assert M.bin_indices(torch.tensor([1.0, 0.0, 14 / 15])).tolist() == [14, 0, 14]
     # torchmetrics gives c == 1.0 a 16th bin of its own: its public value differs here ...
     assert abs(_tm(p, y, "l1") - out["cal/ECE"]) > 1e-3
@@ -414,3 +418,31 @@ def test_half_precision_and_grad_logits_are_accepted():
     half = M.compute_all(z.half(), y)  # upcast to float32
     assert half["cls/Acc"] == pytest.approx(ref["cls/Acc"], abs=0.01)
     assert M.compute_all(z.clone().requires_grad_(True), y) == ref
+
+
+def test_every_single_metric_function_equals_its_compute_all_entry():
+    z, y = _data(7, 400, 6)
+    p = torch.softmax(z, 1).double()
+    suite = M.compute_all_probs(p, y)
+    single = {
+        "cls/Acc": M.accuracy,
+        "cls/NLL": M.nll,
+        "cls/Brier": M.brier,
+        "cal/ECE": M.ece,
+        "cal/AdaECE": M.adaptive_ece,
+        "cal/ClasswiseECE": M.classwise_ece,
+        "cal/MCE": M.mce,
+        "cal/OE": M.overconfidence_error,
+        "cal/UE": M.underconfidence_error,
+        "cal/smECE": M.smooth_ece,
+        "cal/KS": M.ks_error,
+        "sc/AUROC": M.misclassification_auroc,
+        "sc/AURC": M.aurc,
+        "sc/E-AURC": M.e_aurc,
+        "sc/Risk@80": M.risk_at_coverage,
+        "cls/OvO-AUROC": M.ovo_auroc,
+    }
+    assert set(single) == set(M.METRIC_INFO) - {"ood/AUROC"}  # one function per metric
+    for key, fn in single.items():
+        assert fn(p, y) == pytest.approx(suite[key], abs=1e-9), key
+    assert suite["cal/OE"] > 0 and suite["cal/UE"] >= 0

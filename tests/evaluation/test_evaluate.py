@@ -7,7 +7,7 @@ import math
 import pytest
 
 from csm.errors import CSMError
-from csm.evaluation.evaluate import format_leaderboard
+from csm.evaluation.leaderboard import format_leaderboard
 
 
 def _row(method: str, seed: int, cal: str, cond: str, **metrics: float) -> dict:
@@ -123,12 +123,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from csm.config import load_config  # noqa: E402
-from csm.evaluation.evaluate import (  # noqa: E402
-    EvaluateConfig,
-    evaluate,
-    evaluate_runs,
-    read_results,
-)
+from csm.evaluation.evaluate import EvaluateConfig, evaluate, evaluate_runs  # noqa: E402
+from csm.evaluation.leaderboard import read_results  # noqa: E402
 from tests.helpers import make_run  # noqa: E402
 
 
@@ -265,7 +261,8 @@ def test_evaluate_writes_everything_and_numbers_match_direct_computation(runs, t
 def test_cache_makes_reevaluation_instant_and_is_invalidated_by_new_weights(
     runs, tmp_path, monkeypatch
 ):
-    import csm.evaluation.evaluate as ev
+    import csm.evaluation.outputs as outputs_module
+    import csm.evaluation.scoring as scoring_module
 
     run = _copy(runs["ls0"], tmp_path)
     cfg = EvaluateConfig(
@@ -285,8 +282,8 @@ def test_cache_makes_reevaluation_instant_and_is_invalidated_by_new_weights(
     def no_fit(*a, **k):
         raise AssertionError("calibrators refitted although scores are cached")
 
-    monkeypatch.setattr(ev, "_infer", no_inference)
-    monkeypatch.setattr(ev, "_fit_calibrators", no_fit)
+    monkeypatch.setattr(outputs_module, "predict", no_inference)
+    monkeypatch.setattr(scoring_module, "fit_calibrators", no_fit)
     again, _ = evaluate_runs(cfg)
     assert again == first  # identical, including the seeded noise condition
     # retrain = new weights: the cache must not be used, and the stale entries go away
@@ -406,3 +403,76 @@ def test_cli_evaluate(runs, tmp_path, capsys):
     code = main(["evaluate", str(tmp_path / "missing"), "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("csm: error: run ") and "\n" not in err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_two_processes_split_inference_and_equal_one_process(runs, tmp_path, monkeypatch):
+    """``accelerate launch --multi_gpu --num_processes 2 -m csm evaluate``: two gloo processes
+    share the inference, only rank 0 writes, and every file equals a one-process run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import csm.evaluation.outputs as outputs_module
+    import csm.evaluation.scoring as scoring_module
+
+    run = _copy(runs["ce0"], tmp_path)
+    opts = ["--calibrators", "ts", "--corruptions", "none", "--batch-size", "32"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cfg = EvaluateConfig(
+        runs=[str(run)],
+        out=str(one),
+        calibrators=["ts"],
+        corruptions=["none"],
+        batch_size=32,
+        plots=False,
+        cache=False,
+    )
+    evaluate(cfg)
+    assert not (run / "eval_cache").exists()
+    assert json.loads((one / "evaluation.json").read_text())["world_size"] == 1
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "csm",
+        "evaluate",
+        str(run),
+        "--out",
+        str(two),
+        *opts,
+        "--plots",
+        "false",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((two / "evaluation.json").read_text())
+    assert record["world_size"] == 2 and record["ranks"] == [0, 1]  # both processes ran
+    assert proc.stdout.count("# Leaderboard") == 1  # rank 1 printed nothing
+    for name in ("results.csv", "leaderboard.md"):
+        assert (two / name).read_text() == (one / name).read_text(), name
+    assert not list(two.rglob("*.tmp*")) and not list(run.rglob("*.tmp*"))
+    # rank 0 wrote the cache; a one-process evaluation reads it (no model, no fit): same rows
+    names = sorted(p.name.split("-")[0] for p in (run / "eval_cache").rglob("*.st"))
+    assert names == ["clean", "scores", "val"]
+    expected, _ = evaluate_runs(cfg)
+    monkeypatch.setattr(outputs_module, "predict", lambda *a, **k: pytest.fail("inference"))
+    monkeypatch.setattr(scoring_module, "fit_calibrators", lambda *a, **k: pytest.fail("fit"))
+    again, _ = evaluate_runs(EvaluateConfig(**{**vars(cfg), "cache": True}))
+    assert again == expected

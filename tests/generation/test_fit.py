@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -50,6 +57,10 @@ def test_output_is_a_loadable_pipeline_with_class_names_and_config(trained):
     assert (trained / "config.yaml").is_file()
     assert pipe.training_config()["class_names"] == pipe.class_names
     assert not (trained / "checkpoints").exists()
+    lrs, losses = _log(trained)  # one row per optimizer step: warm-up (5 steps), then cosine
+    peak = fd.PRESETS["tiny"].lr
+    assert lrs == pytest.approx([peak * s / 5 for s in range(5)] + [peak])
+    assert len(losses) == 6 and all(0 < v < 10 for v in losses)
     grid = Image.open(trained / "samples.png")
     scale = 64 // 8
     assert grid.size == ((2 * 9 + 1) * scale, (10 * 9 + 1) * scale)  # 2 per class, 10 rows
@@ -69,10 +80,10 @@ def test_training_is_deterministic_and_resume_is_exact(trained, tmp_path, monkey
     out = tmp_path / "interrupted"
     real = fd._step_generator
 
-    def crash_at_4(seed, step, rank):
+    def crash_at_4(seed, step):
         if step == 4:
             raise KeyboardInterrupt
-        return real(seed, step, rank)
+        return real(seed, step)
 
     monkeypatch.setattr(fd, "_step_generator", crash_at_4)
     with pytest.raises(KeyboardInterrupt):
@@ -90,6 +101,7 @@ def test_training_is_deterministic_and_resume_is_exact(trained, tmp_path, monkey
     for key in ref:
         assert torch.equal(ref[key], got[key]), key
     assert json.loads((out / "training_config.json").read_text())["resumed_from_step"] == 3
+    assert (out / "training_log.csv").read_text() == (trained / "training_log.csv").read_text()
 
 
 def test_existing_model_needs_overwrite(trained):
@@ -121,6 +133,50 @@ def test_cli_reports_error_and_exit_code(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("csm: error: --preset 'huge'") and len(err.strip().splitlines()) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log(out: Path) -> tuple[list[float], list[float]]:
+    rows = list(csv.DictReader((out / "training_log.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == list(range(len(rows)))
+    return [float(r["lr"]) for r in rows], [float(r["loss"]) for r in rows]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="accelerate launch multi-process on linux")
+def test_two_processes_train_one_model_with_the_lr_trace_of_one(tmp_path):
+    opts = dict(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, grid_per_class=1)
+    one = fit_diffusion(_cfg(tmp_path / "one", grid_steps=1, **opts))
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "-m", "csm", "fit-diffusion",
+        "--dataset", "digits", "--preset", "tiny", "--grid-steps", "1",
+        "--out", str(tmp_path / "two"), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    assert json.loads((two / "training_config.json").read_text())["num_processes"] == 2
+    lr1, loss1 = _log(one)
+    lr2, loss2 = _log(two)
+    # one schedule step per optimizer step: warm-up to the peak, then cosine down (not back up)
+    assert lr2 == lr1 and len(lr2) == 4
+    assert lr2[0] == 0.0 and lr2[1] == pytest.approx(2e-3) and lr2[1] > lr2[2] > lr2[3] > 0
+    # the loss is averaged over both ranks' halves of the global batch: equal to one process's,
+    # which neither half alone gives; DDP keeps one model, so the weights agree too
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+    w1 = load_file(one / "unet" / "diffusion_pytorch_model.safetensors")
+    w2 = load_file(two / "unet" / "diffusion_pytorch_model.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=0, atol=1e-4)
 
 
 def test_image_grid_layout():

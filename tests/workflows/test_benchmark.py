@@ -11,7 +11,7 @@ import pytest
 
 import csm.training.trainer
 from csm.errors import CSMError
-from csm.evaluation.evaluate import read_results
+from csm.evaluation.leaderboard import read_results
 from csm.workflows.benchmark import (
     BenchmarkConfig,
     _methods,
