@@ -48,8 +48,10 @@ from csm.data.augment import Augment
 from csm.training.config import TrainConfig
 from csm.training.methods import METHODS, Batch, StepState, build_method
 from csm.training.models import build_model
+from csm.training.optim import make_optimizer
 from csm.training.sampler import SyntheticSampler
-from csm.training.trainer import make_optimizer, training_step
+from csm.training.sharding import augment_rows
+from csm.training.trainer import StepModule, training_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -113,7 +115,11 @@ class _Runner:
             self.model.to(memory_format=torch.channels_last)
         self.counter = _Counter(self.model)
         self.method = build_method(name, {})
-        self.params = list(dict.fromkeys(self.method.stage_parameters(self.model, stage)))
+        plan = self.method.stages(2)  # 2 epochs: refcal gets one per stage
+        self.plan = plan[stage - 1]  # the trainer's stage: parameters, loss, augmentation
+        self.params = self.plan.parameters(self.model)
+        self.step_module = StepModule(self.model, self.method.all_modules(self.model))
+        self.step_module.loss_fn = self.plan.loss
         cfg = resolve_config(TrainConfig, overrides={"lr": 0.01})
         self.optimizer = make_optimizer(cfg, self.params)
         self.augment = Augment(padding=4, hflip=True)
@@ -127,7 +133,7 @@ class _Runner:
         idx = torch.arange(start, start + b, device=self.device) % self.images.shape[0]
         raw = self.images[idx]
         y = self.labels[idx]
-        pretrain = self.stage == 1 and self.method.stages == 2
+        pretrain = not self.plan.augment  # the stage draws its own views (refcal stage 1)
         x = (raw if pretrain else self.augment(raw, self.g)).float().div_(255)
         syn_x = syn_y = None
         if self.method.needs_synthetic:
@@ -139,20 +145,23 @@ class _Runner:
             if syn_x is not None:
                 syn_x = syn_x.contiguous(memory_format=torch.channels_last)
         batch = Batch(x, y, idx, syn_x, syn_y)
-        state = StepState(epoch=0, step=self.step_i, stage=self.stage, generator=self.g)
-        aug = (lambda v: self.augment(v, self.g)) if pretrain else None
+        aug = self._views if pretrain else None
+        state = StepState(0, self.step_i, self.stage, self.g, aug)
         training_step(
-            self.model,
-            self.method,
+            self.step_module,
             self.optimizer,
             self.params,
             batch,
             state,
             grad_clip=2.0,
             autocast=self.autocast,
-            pretrain_augment=aug,
         )
         self.step_i += 1
+
+    def _views(self, x: torch.Tensor) -> torch.Tensor:
+        """The trainer's view augmentation for a stage that draws its own (refcal stage 1)."""
+        n = x.shape[0]
+        return augment_rows(self.augment, x, n, slice(0, n), self.g)
 
     def time(self, steps: int) -> tuple[float, int]:
         """Seconds for ``steps`` steps and the number of forwarded images.

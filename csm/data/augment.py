@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from csm.errors import CSMError
 
-__all__ = ["Augment", "random_crop", "random_hflip"]
+__all__ = ["Augment", "crop_at", "flip_where", "random_crop", "random_hflip"]
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
@@ -39,8 +39,20 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
         raise CSMError(f"crop padding {padding}: must be >= 0; use 0 to disable cropping")
     if padding == 0 or x.shape[0] == 0:
         return x
+    offsets = torch.randint(0, 2 * padding + 1, (2, x.shape[0]), generator=generator)
+    return crop_at(x, padding, offsets)
+
+
+def crop_at(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop each image at its ``(row, col)`` offset.
+
+    Args:
+        x: Images ``(N, C, H, W)`` of any dtype.
+        padding: Pixels of zero padding on every side.
+        offsets: ``(2, N)`` integer offsets in ``{0, ..., 2 * padding}`` (rows, then columns).
+    """
     n, _, h, w = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(x.device)
+    offsets = offsets.to(x.device)
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = offsets[0][:, None] + torch.arange(h, device=x.device)[None, :]  # (N, H)
     cols = offsets[1][:, None] + torch.arange(w, device=x.device)[None, :]  # (N, W)
@@ -55,13 +67,21 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator, p: float = 0.5) ->
         raise CSMError(f"flip probability {p}: must lie in [0, 1]")
     if x.shape[0] == 0:
         return x
-    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return flip_where(x, torch.rand(x.shape[0], generator=generator) < p)
+
+
+def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images of ``x`` whose entry of the boolean ``flip`` ``(N,)`` is set."""
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 @dataclass
 class Augment:
     """Random crop with padding, then (optionally) horizontal flip.
+
+    ``augment(x, g)`` equals ``augment.apply(x, *augment.draw(len(x), g))``: the draws can be made
+    for a whole global batch and applied to any subset of its rows (each process of a
+    multi-process run augments only its own rows, with the draws one process would make).
 
     Attributes:
         padding: Zero padding for the random crop (0 disables the crop).
@@ -73,7 +93,31 @@ class Augment:
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Augment a batch ``(N, C, H, W)``; draws come from ``generator``."""
-        x = random_crop(x, self.padding, generator)
-        if self.hflip:
-            x = random_hflip(x, generator)
+        return self.apply(x, *self.draw(x.shape[0], generator))
+
+    def draw(
+        self, n: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The random parameters of ``n`` images: crop offsets ``(2, n)`` and flips ``(n,)``.
+
+        Drawn in the order :func:`random_crop` then :func:`random_hflip` draw them; ``None``
+        where that part is disabled (or ``n == 0``).
+        """
+        if self.padding < 0:
+            raise CSMError(f"crop padding {self.padding}: must be >= 0; use 0 to disable cropping")
+        offsets = flips = None
+        if self.padding > 0 and n > 0:
+            offsets = torch.randint(0, 2 * self.padding + 1, (2, n), generator=generator)
+        if self.hflip and n > 0:
+            flips = torch.rand(n, generator=generator) < 0.5
+        return offsets, flips
+
+    def apply(
+        self, x: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Apply drawn parameters (one column of ``offsets`` / entry of ``flips`` per image)."""
+        if offsets is not None:
+            x = crop_at(x, self.padding, offsets)
+        if flips is not None:
+            x = flip_where(x, flips)
         return x

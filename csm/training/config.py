@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,14 +11,22 @@ import yaml
 
 from csm.calibration.metrics import METRIC_NAMES
 from csm.errors import CSMError
+from csm.training.methods import METHODS, accepted_params, all_method_params
 from csm.training.optim import SCHEDULES
 
-__all__ = ["TrainConfig", "method_params", "parse_model_options", "validate_config"]
+__all__ = [
+    "METHOD_PARAMS",
+    "TrainConfig",
+    "method_params",
+    "only_method_options",
+    "parse_model_options",
+    "validate_config",
+]
 
 
 @dataclass
-class TrainConfig:
-    """Configuration of ``csm train`` (every field is a ``--flag``)."""
+class _TrainOptions:
+    """The options of ``csm train`` that are not method hyper-parameters."""
 
     dataset: str = field(default="digits", metadata={"help": "real dataset spec (csm data info)"})
     synthetic: str | None = field(
@@ -82,46 +91,46 @@ class TrainConfig:
     syn_interior: int = field(
         default=1, metadata={"help": "random interior members taken per drawn group"}
     )
-    # Method hyper-parameters: None means the method's own default (csm.training.methods); each
-    # method reads only the keys it accepts (csm.training.methods.method_param_names).
-    alpha: float | None = field(
-        default=None, metadata={"help": "ls smoothing / mixup family Beta(alpha) / clue alpha"}
-    )
-    gamma: float | None = field(default=None, metadata={"help": "focal, dual_focal, bsce_gra"})
-    gamma_low: float | None = field(default=None, metadata={"help": "flsd53 gamma if p_y >= thr"})
-    gamma_high: float | None = field(default=None, metadata={"help": "flsd53 gamma if p_y < thr"})
-    threshold: float | None = field(default=None, metadata={"help": "flsd53 threshold"})
-    beta: float | None = field(default=None, metadata={"help": "bsce_gra norm order"})
-    weight: float | None = field(
-        default=None, metadata={"help": "mmce/mbls/crl/regmixup/rankmixup regulariser weight"}
-    )
-    margin: float | None = field(default=None, metadata={"help": "mbls / rankmixup margin"})
-    bandwidth: float | None = field(default=None, metadata={"help": "mmce kernel bandwidth"})
-    class_reduction: str | None = field(default=None, metadata={"help": "mbls: sum or mean"})
-    mode: str | None = field(default=None, metadata={"help": "clue: batch_mean or per_sample"})
-    mc_samples: int | None = field(default=None, metadata={"help": "clue MC-dropout passes"})
-    temperature: float | None = field(default=None, metadata={"help": "refcal SupCon tau"})
-    proj_dim: int | None = field(default=None, metadata={"help": "refcal projection size"})
-    stage2_method: str | None = field(default=None, metadata={"help": "refcal stage-2 method"})
-    pretrain_fraction: float | None = field(
-        default=None, metadata={"help": "refcal share of epochs in stage 1"}
-    )
-    csm_loss: str = field(default="l2", metadata={"help": "csm synthetic loss: l2, soft_ce, kl"})
-    synthetic_weight: float | None = field(
-        default=None, metadata={"help": "csm weight of the synthetic term (paper: 1)"}
-    )
-    joint_forward: bool = field(
-        default=False, metadata={"help": "csm: real and synthetic in one forward pass"}
-    )
     checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
     max_steps: int | None = field(
         default=None, metadata={"help": "stop after this many steps in total (smoke tests)"}
     )
     resume: bool = field(default=False, metadata={"help": "continue the run in out"})
     overwrite: bool = field(default=False, metadata={"help": "replace a different run in out"})
+    sync_bn: bool = field(
+        default=False,
+        metadata={"help": "SyncBatchNorm across processes under accelerate launch (world > 1)"},
+    )
 
 
-def validate_config(cfg: TrainConfig) -> None:
+METHOD_PARAMS = all_method_params()
+"""Every method hyper-parameter (declared once, on the methods) -> its merged :class:`Param`."""
+
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [
+        (name, p.type | None, field(default=None, metadata={"help": p.help}))
+        for name, p in METHOD_PARAMS.items()
+    ],
+    bases=(_TrainOptions,),
+)
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = """Configuration of ``csm train`` (every field is a ``--flag``).
+
+The method hyper-parameters (``alpha``, ``gamma``, ``csm_loss``, ...) are derived from the
+methods' declarations (:func:`csm.training.methods.all_method_params`): each is optional and
+``None`` means the chosen method's own default; setting one the method does not accept is an
+error (:func:`method_params`).
+"""
+
+
+def validate_config(cfg: Any) -> None:
+    """Raise a one-line :class:`~csm.errors.CSMError` for an out-of-range or inconsistent option.
+
+    Args:
+        cfg: A :class:`TrainConfig`.
+    """
+    method_params(cfg)  # unknown method, or an option the method does not accept
     checks = [
         (cfg.epochs >= 1, "--epochs", cfg.epochs, "give at least 1"),
         (cfg.batch_size >= 1, "--batch-size", cfg.batch_size, "give at least 1"),
@@ -165,6 +174,7 @@ def validate_config(cfg: TrainConfig) -> None:
 
 
 def parse_model_options(items: list[str]) -> dict[str, Any]:
+    """Parse ``--model-options key=value ...`` (values as YAML scalars)."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -174,27 +184,32 @@ def parse_model_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def method_params(cfg: TrainConfig) -> dict[str, Any]:
-    """The flat hyper-parameter dict handed to :func:`csm.training.methods.build_method`."""
-    keys = (
-        "alpha",
-        "gamma",
-        "gamma_low",
-        "gamma_high",
-        "threshold",
-        "beta",
-        "weight",
-        "margin",
-        "bandwidth",
-        "class_reduction",
-        "mode",
-        "mc_samples",
-        "temperature",
-        "proj_dim",
-        "stage2_method",
-        "pretrain_fraction",
-        "csm_loss",
-        "synthetic_weight",
-        "joint_forward",
-    )
-    return {k: getattr(cfg, k) for k in keys}
+def method_params(cfg: Any) -> dict[str, Any]:
+    """The method options set in ``cfg`` (not None), for :func:`~csm.training.methods.build_method`.
+
+    Raises:
+        CSMError: An option the chosen method does not accept (naming it and listing the
+            method's options), or an unknown method.
+    """
+    if cfg.method not in METHODS:
+        raise CSMError(f"--method {cfg.method!r}: unknown method; use one of {', '.join(METHODS)}")
+    given = {k: getattr(cfg, k) for k in METHOD_PARAMS if getattr(cfg, k) is not None}
+    accepted = accepted_params(cfg.method, given)
+    for key, value in given.items():
+        if key not in accepted:
+            options = ", ".join(f"--{k.replace('_', '-')}" for k in accepted) or "none"
+            raise CSMError(
+                f"--{key.replace('_', '-')} {value}: not an option of method {cfg.method}; "
+                f"its options are: {options}"
+            )
+    return given
+
+
+def only_method_options(cfg: Any) -> Any:
+    """``cfg`` with the method options its method does not accept reset to None.
+
+    For callers that apply one set of options to many methods (``csm benchmark``).
+    """
+    given = {k: getattr(cfg, k) for k in METHOD_PARAMS if getattr(cfg, k) is not None}
+    accepted = accepted_params(cfg.method, given)
+    return dataclasses.replace(cfg, **{k: None for k in given if k not in accepted})

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -127,11 +128,9 @@ class CalibrationLoss(nn.Module):
     """Base class: converts targets to dense form and computes a mean-reduced loss in float32.
 
     Subclasses implement :meth:`dense_loss` (per-sample values, shape ``(N,)``) from float32
-    logits and dense targets. ``supports_dense`` is False for losses whose definition needs a
-    single true class; those reduce dense targets to their argmax class.
+    logits and dense targets. Constructor arguments are ``Annotated[type, help]``: the methods
+    that wrap a loss expose them as their hyper-parameters (:mod:`csm.training.methods`).
     """
-
-    supports_dense: bool = True
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Mean loss over the batch.
@@ -181,7 +180,7 @@ class LabelSmoothing(CalibrationLoss):
         alpha: smoothing mass in [0, 1]; 0 is plain cross-entropy.
     """
 
-    def __init__(self, alpha: float = 0.1) -> None:
+    def __init__(self, alpha: Annotated[float, "smoothing mass in [0, 1]"] = 0.1) -> None:
         super().__init__()
         self.alpha = check_range("alpha", alpha, 0.0, 1.0)
 
@@ -227,7 +226,7 @@ class FocalLoss(CalibrationLoss):
         gamma: focusing parameter >= 0 (0 is cross-entropy).
     """
 
-    def __init__(self, gamma: float = 3.0) -> None:
+    def __init__(self, gamma: Annotated[float, "focusing parameter >= 0"] = 3.0) -> None:
         super().__init__()
         self.gamma = check_range("gamma", gamma, 0.0)
 
@@ -248,7 +247,10 @@ class FLSD53(CalibrationLoss):
     """
 
     def __init__(
-        self, gamma_low: float = 3.0, gamma_high: float = 5.0, threshold: float = 0.2
+        self,
+        gamma_low: Annotated[float, "gamma when p_y >= threshold"] = 3.0,
+        gamma_high: Annotated[float, "gamma when p_y < threshold"] = 5.0,
+        threshold: Annotated[float, "probability threshold"] = 0.2,
     ) -> None:
         super().__init__()
         self.gamma_low = check_range("gamma_low", gamma_low, 0.0)
@@ -283,7 +285,7 @@ class DualFocalLoss(CalibrationLoss):
         gamma: focusing parameter >= 0 (paper: 2 for CIFAR-10 ResNet-50).
     """
 
-    def __init__(self, gamma: float = 2.0) -> None:
+    def __init__(self, gamma: Annotated[float, "focusing parameter >= 0"] = 2.0) -> None:
         super().__init__()
         self.gamma = check_range("gamma", gamma, 0.0)
 
@@ -306,7 +308,11 @@ class GradientBSCE(CalibrationLoss):
         gamma: exponent of the norm, >= 0.
     """
 
-    def __init__(self, beta: float = 2.0, gamma: float = 2.0) -> None:
+    def __init__(
+        self,
+        beta: Annotated[float, "norm order > 0"] = 2.0,
+        gamma: Annotated[float, "focusing parameter >= 0"] = 2.0,
+    ) -> None:
         super().__init__()
         self.beta = check_range("beta", beta, 0.0, low_open=True)
         self.gamma = check_range("gamma", gamma, 0.0)
@@ -334,7 +340,11 @@ class MMCELoss(CalibrationLoss):
         bandwidth: kernel width > 0 (0.4 in the paper).
     """
 
-    def __init__(self, weight: float = 2.0, bandwidth: float = 0.4) -> None:
+    def __init__(
+        self,
+        weight: Annotated[float, "regulariser weight >= 0"] = 2.0,
+        bandwidth: Annotated[float, "Laplacian kernel width > 0"] = 0.4,
+    ) -> None:
         super().__init__()
         self.weight = check_range("weight", weight, 0.0)
         self.bandwidth = check_range("bandwidth", bandwidth, 0.0, low_open=True)
@@ -371,7 +381,10 @@ class MarginLabelSmoothing(CalibrationLoss):
     """
 
     def __init__(
-        self, margin: float = 10.0, weight: float = 0.1, class_reduction: str = "sum"
+        self,
+        margin: Annotated[float, "logit margin >= 0"] = 10.0,
+        weight: Annotated[float, "regulariser weight >= 0"] = 0.1,
+        class_reduction: Annotated[str, "penalty over classes: sum (paper) or mean"] = "sum",
     ) -> None:
         super().__init__()
         self.margin = check_range("margin", margin, 0.0)
@@ -404,7 +417,11 @@ class ClueLoss(CalibrationLoss):
         mode: ``"batch_mean"`` or ``"per_sample"``.
     """
 
-    def __init__(self, alpha: float = 0.5, mode: str = "batch_mean") -> None:
+    def __init__(
+        self,
+        alpha: Annotated[float, "weight of the error term in [0, 1]"] = 0.5,
+        mode: Annotated[str, "statistic alignment: batch_mean or per_sample"] = "batch_mean",
+    ) -> None:
         super().__init__()
         self.alpha = check_range("alpha", alpha, 0.0, 1.0)
         self.mode = check_choice("mode", mode, ("batch_mean", "per_sample"))

@@ -2,11 +2,13 @@
 
 The trainer builds a method from its hyper-parameters and asks it for the loss of each batch::
 
-    method = build_method(cfg.method, {"gamma": cfg.gamma, "alpha": cfg.alpha, ...})
-    params = method.stage_parameters(model, stage)        # model (+ refcal projection head)
-    loss, logs = method.compute_loss(model, batch, StepState(epoch, step, stage, generator))
-    ...
-    method.on_epoch_end()
+    method = build_method(cfg.method, {"gamma": 2.0, ...})  # the options set for the run
+    for stage in method.stages(cfg.epochs):               # one stage; refcal: two
+        params = stage.parameters(model)                  # model (+ refcal projection head)
+        ...  # for each batch of stage.epochs epochs:
+        loss, logs = stage.loss(model, batch, StepState(epoch, step, stage_no, generator))
+        ...
+        method.on_epoch_end()
 
 * :class:`Batch` holds real images ``x`` (float, [0, 1]), integer labels ``y`` ``(N,)``, the
   dataset ``index`` of each image ``(N,)`` (CRL keys its history by it) and, for ``csm``, the
@@ -15,19 +17,23 @@ The trainer builds a method from its hyper-parameters and asks it for the loss o
   random choice of a method (mixup coefficients and partners) is drawn from.
 * ``logs`` maps names (``"loss"``, ``"loss/ce"``, ...) to detached 0-dim tensors; call
   ``float()`` when writing them, so no device sync happens per step unless you log.
-* Hyper-parameters: :func:`build_method` takes a dict, drops ``None`` values and keys the method
-  does not use, and passes the rest as constructor keyword arguments, so a trainer can hand over
-  all its method flags (``--gamma``, ``--alpha``, ``--weight``, ``--margin``, ...) at once and
-  keep ``None`` as "the method's default". :func:`method_param_names` lists what each method
-  accepts, with defaults. Out-of-range values raise :class:`~csm.errors.CSMError` naming them.
+* Hyper-parameters are declared ONCE, as the constructor's ``Annotated[type, help]`` keyword
+  arguments (for plain losses, the loss's constructor): :meth:`Method.params` reads them as
+  :class:`Param` records, :func:`all_method_params` merges them across methods (the trainer
+  derives its ``--gamma``, ``--alpha``, ... flags and their ``--help`` from it) and
+  :func:`accepted_params` says what one method accepts. :func:`build_method` takes a flat dict,
+  drops ``None`` values and keys the method does not use, and passes the rest as constructor
+  keyword arguments. Out-of-range values raise :class:`~csm.errors.CSMError` naming them.
 * Models expose ``model(x) -> logits``, ``model.forward_features(x) -> (N, D)`` and
   ``model.head`` (the last ``nn.Linear``); methods that need features use them.
 * Methods with state to checkpoint (CRL history, RefCal projection) implement
   ``state_dict()`` / ``load_state_dict()``; save them with the trainer's checkpoint.
-* ``refcal`` has ``stages = 2``: stage 1 is :meth:`RefCalMethod.pretrain_loss` (also what
-  ``compute_loss`` returns when ``state.stage == 1``), stage 2 trains ``model.head`` on the
-  frozen encoder with the method named by ``stage2_method``. :meth:`RefCalMethod.stage_epochs`
-  splits the epoch budget.
+* Training plan: :meth:`Method.stages` returns the :class:`Stage` list the trainer runs in
+  order (epochs, trainable parameters, loss, whether the trainer augments, whether the stage
+  trains the classifier). Most methods have one stage; ``refcal`` has two: SupCon on two views
+  (:meth:`RefCalMethod.pretrain_loss`, no classifier yet), then ``model.head`` on the frozen
+  encoder with the method named by ``stage2_method``; :meth:`RefCalMethod.stage_epochs` splits
+  the epoch budget.
 
 Example:
     >>> import torch
@@ -51,9 +57,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +88,13 @@ __all__ = [
     "Batch",
     "CorrectnessHistory",
     "Method",
+    "Param",
+    "Stage",
     "StepState",
-    "PARAM_HELP",
+    "accepted_params",
     "all_method_params",
     "build_method",
+    "declared_params",
     "method_param_names",
     "unwrap",
 ]
@@ -112,12 +122,73 @@ class Batch:
 
 @dataclass
 class StepState:
-    """Where the trainer is; ``generator`` is the source of every random choice of a method."""
+    """Where the trainer is; ``generator`` is the source of every random choice of a method.
+
+    ``augment`` is the trainer's random augmentation ``augment(x) -> x'`` (bound to its
+    generator and to this process's rows of the global batch); a stage that draws its own views
+    (:attr:`Stage.augment` False, e.g. RefCal's SupCon stage) calls it.
+    """
 
     epoch: int = 0
     step: int = 0
     stage: int = 1
     generator: torch.Generator | None = None
+    augment: Callable[[Tensor], Tensor] | None = None
+
+
+LossFn = Callable[[nn.Module, Batch, StepState], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter of a method, read from its constructor's ``Annotated`` argument.
+
+    Attributes:
+        name: Argument name (also the ``csm train`` flag, ``--name``).
+        type: ``float``, ``int``, ``str`` or ``bool``.
+        default: The method's default.
+        help: One-line description.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+
+@dataclass
+class Stage:
+    """One stage of a method's training plan (:meth:`Method.stages`).
+
+    Attributes:
+        epochs: Epochs spent in this stage.
+        parameters: ``parameters(model)`` -> the parameters optimised in this stage.
+        loss: ``loss(model, batch, state) -> (loss, logs)``.
+        augment: The trainer augments the real images before ``loss`` (False: the loss draws
+            its own views through ``state.augment``).
+        trains_classifier: The stage trains the classifier, so its epochs are validated and
+            take part in model selection.
+        name: Short label (logs).
+    """
+
+    epochs: int
+    parameters: Callable[[nn.Module], list[nn.Parameter]]
+    loss: LossFn
+    augment: bool = True
+    trains_classifier: bool = True
+    name: str = "train"
+
+
+def declared_params(fn: Callable[..., Any]) -> dict[str, Param]:
+    """The hyper-parameters of a constructor: its ``Annotated[type, help]`` keyword arguments."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    out: dict[str, Param] = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        hint = hints.get(name)
+        if typing.get_origin(hint) is Annotated and p.default is not p.empty:
+            tp, help_text = typing.get_args(hint)[:2]
+            out[name] = Param(name, tp, p.default, help_text)
+    return out
 
 
 def _detach(logs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -151,18 +222,17 @@ class Method:
 
     name: ClassVar[str] = ""
     needs_synthetic: ClassVar[bool] = False
-    stages: ClassVar[int] = 1
 
     # -- construction from a flat hyper-parameter dict ---------------------------------------
     @classmethod
+    def params(cls) -> dict[str, Param]:
+        """The hyper-parameters this method declares (its constructor's ``Annotated`` args)."""
+        return declared_params(cls.__init__)
+
+    @classmethod
     def param_defaults(cls) -> dict[str, Any]:
         """Hyper-parameters this method accepts, mapped to their defaults."""
-        sig = inspect.signature(cls.__init__)
-        return {
-            n: p.default
-            for n, p in sig.parameters.items()
-            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
+        return {name: p.default for name, p in cls.params().items()}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None) -> Method:
@@ -186,12 +256,28 @@ class Method:
         """Modules owned by the method that the trainer must optimise (built on first call)."""
         return []
 
+    def all_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Every module of the method trained in any stage (the trainer wraps them with the
+        model, so one DistributedDataParallel forward covers them)."""
+        return self.extra_modules(model)
+
     def stage_parameters(self, model: nn.Module, stage: int = 1) -> list[nn.Parameter]:
         """Parameters to optimise in a stage: the model's plus the method's extra modules."""
         params = list(model.parameters())
         for module in self.extra_modules(model):
             params.extend(module.parameters())
-        return params
+        return list(dict.fromkeys(params))
+
+    def stages(self, epochs: int) -> list[Stage]:
+        """The training plan: one stage training everything with :meth:`compute_loss`.
+
+        Args:
+            epochs: The run's epoch budget.
+
+        Returns:
+            The stages in order (their ``epochs`` sum to ``epochs``).
+        """
+        return [Stage(epochs, lambda model: self.stage_parameters(model, 1), self.compute_loss)]
 
     def on_epoch_end(self) -> None:
         """Hook called by the trainer after every epoch (methods without epoch state ignore it)."""
@@ -237,13 +323,8 @@ class LossMethod(Method):
             setattr(self, k, getattr(self.loss, k))
 
     @classmethod
-    def param_defaults(cls) -> dict[str, Any]:
-        sig = inspect.signature(cls.loss_cls.__init__)
-        return {
-            n: p.default
-            for n, p in sig.parameters.items()
-            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
+    def params(cls) -> dict[str, Param]:
+        return declared_params(cls.loss_cls.__init__)
 
     def compute_loss(
         self, model: nn.Module, batch: Batch, state: StepState | None = None
@@ -293,7 +374,12 @@ class ClueMethod(Method):
 
     name = "clue"
 
-    def __init__(self, alpha: float = 0.5, mode: str = "batch_mean", mc_samples: int = 4) -> None:
+    def __init__(
+        self,
+        alpha: Annotated[float, "weight of the error term in [0, 1]"] = 0.5,
+        mode: Annotated[str, "statistic alignment: batch_mean or per_sample"] = "batch_mean",
+        mc_samples: Annotated[int, "MC-dropout passes when the model has dropout"] = 4,
+    ) -> None:
         self.loss = ClueLoss(alpha=alpha, mode=mode)
         self.alpha, self.mode = self.loss.alpha, self.loss.mode
         self.mc_samples = int(check_range("mc_samples", mc_samples, 1.0))
@@ -367,7 +453,7 @@ class CRLMethod(Method):
 
     name = "crl"
 
-    def __init__(self, weight: float = 1.0) -> None:
+    def __init__(self, weight: Annotated[float, "ranking-loss weight >= 0"] = 1.0) -> None:
         self.weight = check_range("weight", weight, 0.0)
         self.ce = CrossEntropy()
         self.history = CorrectnessHistory()
@@ -406,7 +492,9 @@ class MixupMethod(Method):
     name = "mixup"
     transform_cls: ClassVar[type[Mixup]] = Mixup
 
-    def __init__(self, alpha: float = 0.2) -> None:
+    def __init__(
+        self, alpha: Annotated[float, "Beta(alpha, alpha) concentration > 0"] = 0.2
+    ) -> None:
         self.transform = self.transform_cls(alpha)
         self.alpha = self.transform.alpha
         self.ce = CrossEntropy()
@@ -440,7 +528,11 @@ class RegMixupMethod(MixupMethod):
     name = "regmixup"
     transform_cls = RegMixupTransform
 
-    def __init__(self, alpha: float = 10.0, weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        alpha: Annotated[float, "Beta(alpha, alpha) concentration > 0"] = 10.0,
+        weight: Annotated[float, "weight eta of the mixed term >= 0"] = 1.0,
+    ) -> None:
         super().__init__(alpha)
         self.weight = check_range("weight", weight, 0.0)
 
@@ -472,7 +564,12 @@ class RankMixupMethod(MixupMethod):
     name = "rankmixup"
     transform_cls = RankMixupTransform
 
-    def __init__(self, alpha: float = 1.0, margin: float = 2.0, weight: float = 0.1) -> None:
+    def __init__(
+        self,
+        alpha: Annotated[float, "Beta(alpha, alpha) concentration > 0"] = 1.0,
+        margin: Annotated[float, "ranking margin >= 0"] = 2.0,
+        weight: Annotated[float, "weight of the ranking term >= 0"] = 0.1,
+    ) -> None:
         super().__init__(alpha)
         self.margin = check_range("margin", margin, 0.0)
         self.weight = check_range("weight", weight, 0.0)
@@ -518,7 +615,10 @@ class CSMMethod(Method):
     needs_synthetic = True
 
     def __init__(
-        self, csm_loss: str = "l2", synthetic_weight: float = 1.0, joint_forward: bool = False
+        self,
+        csm_loss: Annotated[str, "loss on synthetic soft labels: l2 (paper), soft_ce or kl"] = "l2",
+        synthetic_weight: Annotated[float, "weight of the synthetic term >= 0 (paper: 1)"] = 1.0,
+        joint_forward: Annotated[bool, "forward real and synthetic as one batch"] = False,
     ) -> None:
         self.csm_loss = check_choice("csm_loss", csm_loss, tuple(CSM_LOSSES))
         self.synthetic_weight = check_range("synthetic_weight", synthetic_weight, 0.0)
@@ -580,12 +680,12 @@ class RefCalMethod(Method):
     (any method but refcal: ce, ls, mmce, crl, ...), whose hyper-parameters come from the same
     flat dict (:meth:`from_params`).
 
-    Multi-process training: the encoder and head are reached through :func:`unwrap` (outside
-    the ``DistributedDataParallel`` forward), stage 1 leaves the head unused and stage 2 the
-    encoder, and the projection head is not part of the model. A distributed trainer therefore
-    needs ``find_unused_parameters=True`` and must synchronise the projection's gradients
-    (e.g. ``accelerator.prepare`` it too); the simple alternative is running refcal in one
-    process.
+    Multi-process training: stage 1 leaves the head unused and stage 2 the encoder, and the
+    projection head is not part of the model. The trainer therefore wraps model and projection
+    (:meth:`all_modules`) in one module whose forward is the stage's loss
+    (:class:`csm.training.trainer.StepModule`) and prepares it with
+    ``find_unused_parameters=True``. The SupCon loss of a process sees only its own rows'
+    positives, so unlike a per-sample mean it depends on the number of processes.
 
     Args:
         temperature: SupCon tau > 0 (default 0.1).
@@ -596,14 +696,13 @@ class RefCalMethod(Method):
     """
 
     name = "refcal"
-    stages = 2
 
     def __init__(
         self,
-        temperature: float = 0.1,
-        proj_dim: int = 128,
-        stage2_method: str = "ce",
-        pretrain_fraction: float = 0.5,
+        temperature: Annotated[float, "stage-1 SupCon temperature > 0"] = 0.1,
+        proj_dim: Annotated[int, "projection head output size"] = 128,
+        stage2_method: Annotated[str, "stage-2 method on the frozen encoder (ce, ls, ...)"] = "ce",
+        pretrain_fraction: Annotated[float, "share of the epochs in stage 1, in (0, 1)"] = 0.5,
         stage2_params: Mapping[str, Any] | None = None,
     ) -> None:
         self.temperature = check_range("temperature", temperature, 0.0, low_open=True)
@@ -625,12 +724,6 @@ class RefCalMethod(Method):
         self.augment: Callable[[Tensor], Tensor] | None = None
 
     @classmethod
-    def param_defaults(cls) -> dict[str, Any]:
-        params = super().param_defaults()
-        params.pop("stage2_params")
-        return params
-
-    @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None) -> Method:
         """Own keys build RefCal; the whole dict also goes to the stage-2 method."""
         params = dict(params or {})
@@ -647,6 +740,36 @@ class RefCalMethod(Method):
         first = min(max(1, round(total_epochs * self.pretrain_fraction)), total_epochs - 1)
         return first, total_epochs - first
 
+    def stages(self, epochs: int) -> list[Stage]:
+        """Stage 1: SupCon on two views through the projection (no classifier yet); stage 2:
+        ``model.head`` on the frozen encoder with ``stage2_method``."""
+        first, second = self.stage_epochs(epochs)
+        return [
+            Stage(
+                first,
+                lambda model: self.stage_parameters(model, 1),
+                self._supcon_step,
+                augment=False,
+                trains_classifier=False,
+                name="supcon",
+            ),
+            Stage(
+                second, lambda model: self.stage_parameters(model, 2), self._head_step, name="head"
+            ),
+        ]
+
+    def _supcon_step(
+        self, model: nn.Module, batch: Batch, state: StepState
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.pretrain_loss(model, batch, augment=state.augment, state=state)
+
+    def _head_step(
+        self, model: nn.Module, batch: Batch, state: StepState
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        frozen = _FrozenEncoder(model)
+        frozen.train(model.training)
+        return self.inner.compute_loss(frozen, batch, state)
+
     def extra_modules(self, model: nn.Module) -> list[nn.Module]:
         if self.projection is None:
             head = unwrap(model).head
@@ -662,11 +785,16 @@ class RefCalMethod(Method):
 
     def stage_parameters(self, model: nn.Module, stage: int = 1) -> list[nn.Parameter]:
         if stage == 1:
-            return super().stage_parameters(model, 1)
+            params = list(model.parameters()) + list(self.extra_modules(model)[0].parameters())
+            return list(dict.fromkeys(params))
         params = list(unwrap(model).head.parameters())
         for module in self.inner.extra_modules(_FrozenEncoder(model)):
             params.extend(module.parameters())
-        return params
+        return list(dict.fromkeys(params))
+
+    def all_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Every module the method trains besides the model (projection + stage-2 extras)."""
+        return self.extra_modules(model) + self.inner.extra_modules(_FrozenEncoder(model))
 
     def pretrain_loss(
         self,
@@ -707,10 +835,8 @@ class RefCalMethod(Method):
         self, model: nn.Module, batch: Batch, state: StepState | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
         if state is not None and state.stage == 1:
-            return self.pretrain_loss(model, batch, state=state)
-        frozen = _FrozenEncoder(model)
-        frozen.train(model.training)
-        return self.inner.compute_loss(frozen, batch, state)
+            return self.pretrain_loss(model, batch, augment=state.augment, state=state)
+        return self._head_step(model, batch, state or StepState(stage=2))
 
     def on_epoch_end(self) -> None:
         self.inner.on_epoch_end()
@@ -790,39 +916,52 @@ def build_method(name: str, params: Mapping[str, Any] | None = None) -> Method:
     return method
 
 
-PARAM_HELP: dict[str, str] = {
-    "alpha": "ls smoothing (0.1) / mixup Beta alpha (0.2; regmixup 10, rankmixup 1) / clue "
-    "error weight (0.5); None = the method's default",
-    "gamma": "focal gamma (3; dual_focal 2, bsce_gra 2), >= 0",
-    "gamma_low": "flsd53 gamma when p_y >= threshold (3)",
-    "gamma_high": "flsd53 gamma when p_y < threshold (5)",
-    "threshold": "flsd53 probability threshold (0.2)",
-    "beta": "bsce_gra norm order (2), > 0",
-    "weight": "regulariser weight: mmce 2, mbls 0.1, crl 1, regmixup eta 1, rankmixup 0.1",
-    "bandwidth": "mmce Laplacian kernel width (0.4)",
-    "margin": "mbls logit margin (10) / rankmixup margin (2)",
-    "class_reduction": "mbls penalty over classes: sum (paper) or mean (reference code)",
-    "mode": "clue statistic alignment: batch_mean or per_sample",
-    "mc_samples": "clue MC-dropout passes when the model has dropout (4)",
-    "temperature": "refcal stage-1 SupCon temperature (0.1)",
-    "proj_dim": "refcal projection head output size (128)",
-    "stage2_method": "refcal stage-2 method on the frozen encoder (ce, ls, mmce, crl, ...)",
-    "pretrain_fraction": "refcal share of epochs in stage 1 (0.5)",
-    "csm_loss": "csm loss on synthetic soft labels: l2 (paper), soft_ce or kl",
-    "synthetic_weight": "csm weight of the synthetic term (1)",
-    "joint_forward": "csm: forward real and synthetic as one batch (default: separately)",
-}
-"""One-line help for every method hyper-parameter name (for trainer flags)."""
+def accepted_params(name: str, params: Mapping[str, Any] | None = None) -> dict[str, Param]:
+    """The hyper-parameters method ``name`` accepts given ``params``.
 
+    RefCal forwards the flat dict to its ``stage2_method``, so it also accepts that method's.
 
-def all_method_params() -> dict[str, tuple[type, str]]:
-    """Every hyper-parameter name used by any method -> ``(type, help)``.
-
-    A trainer can declare one optional config field per name (default None = the method's
-    default) and pass them all to :func:`build_method`.
+    Raises:
+        CSMError: unknown method (or unknown refcal ``stage2_method``).
     """
-    out: dict[str, tuple[type, str]] = {}
-    for cls in METHODS.values():
-        for name, default in cls.param_defaults().items():
-            out.setdefault(name, (type(default), PARAM_HELP[name]))
+    cls = _method_cls(name)
+    accepted = dict(cls.params())
+    if cls is RefCalMethod:
+        inner = (params or {}).get("stage2_method") or accepted["stage2_method"].default
+        accepted.update(
+            {k: v for k, v in accepted_params(inner).items() if k not in accepted}
+            if inner in METHODS and inner != "refcal"
+            else {}
+        )
+    return accepted
+
+
+def all_method_params() -> dict[str, Param]:
+    """Every hyper-parameter name used by any method -> one :class:`Param` (derived help).
+
+    The help lists each method that uses the name with its own meaning and default, e.g.
+    ``gamma``: ``focal: focusing parameter >= 0 (default 3.0); dual_focal, bsce_gra: ...``.
+    A trainer declares one optional config field per name (None = the method's default).
+
+    Raises:
+        TypeError: two methods declare the same name with different types.
+    """
+    uses: dict[str, list[tuple[str, Param]]] = {}
+    for method_name, cls in METHODS.items():
+        for name, p in cls.params().items():
+            uses.setdefault(name, []).append((method_name, p))
+    out: dict[str, Param] = {}
+    for name, entries in uses.items():
+        types = {p.type for _, p in entries}
+        if len(types) > 1:
+            raise TypeError(
+                f"method parameter {name!r} declared with types {sorted(map(str, types))}"
+            )
+        groups: dict[tuple[str, str], list[str]] = {}
+        for method_name, p in entries:
+            groups.setdefault((p.help, repr(p.default)), []).append(method_name)
+        help_text = "; ".join(
+            f"{', '.join(ms)}: {h} (default {d})" for (h, d), ms in groups.items()
+        )
+        out[name] = Param(name, types.pop(), None, help_text)
     return out

@@ -8,10 +8,17 @@ Layout (``out``)::
     model.safetensors   weights of the best epoch on val
     metrics.csv         one row per epoch: stage, step, lr, train loss, val metrics, time
     run.json            method, model, dataset, seed, status, best_epoch, best val metrics
-    checkpoints/        resume state
+    checkpoints/last/   resume state: accelerate's save_state folder (model.safetensors,
+                        optimizer*.bin, random_states_<rank>.pkl) plus loop.json (epoch, step,
+                        metric rows, best epoch) and method_<rank>.safetensors (method state)
 
 :func:`save_run` writes a finished run's files, :func:`load_run` reloads one (model in eval mode on
-the CPU), :func:`prepare_run_dir` checks an ``out`` folder against ``--resume``/``--overwrite``.
+the CPU), :func:`prepare_run_dir` checks an ``out`` folder against ``--resume``/``--overwrite``,
+:func:`save_checkpoint` / :func:`load_checkpoint` write and restore the resume state (through
+``Accelerator.save_state`` / ``load_state``; accelerate reads weights with safetensors and the
+optimizer with ``torch.load(weights_only=True)``; nothing is registered with
+``register_for_checkpointing``, whose loader unpickles with ``weights_only=False``).
+:data:`NOT_IDENTITY` is the one list of options that do not change what a run trains.
 """
 
 from __future__ import annotations
@@ -36,14 +43,18 @@ from csm.training.models import ImageClassifier, build_model_from_spec
 from csm.utils import atomic_path, atomic_write_text
 
 __all__ = [
+    "NOT_IDENTITY",
     "RUN_FILES",
-    "RUN_IDENTITY",
     "LoadedRun",
+    "has_checkpoint",
+    "identity_diffs",
+    "load_checkpoint",
     "load_run",
     "prepare_run_dir",
     "read_json",
     "real_data_for",
     "remove_run",
+    "save_checkpoint",
     "save_run",
     "save_weights",
     "write_json",
@@ -193,24 +204,36 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-RUN_IDENTITY = (
-    "dataset",
-    "synthetic",
-    "method",
-    "model",
-    "model_options",
-    "seed",
-    "data_seed",
-    "image_size",
-    "val_fraction",
-    "test_fraction",
-)
+NOT_IDENTITY = ("out", "resume", "overwrite", "max_steps", "checkpoint_every", "eval_batch_size")
+"""TrainConfig options that do not change what a run trains (where it lives, whether it resumes,
+when it stops or checkpoints, the evaluation batch). Every other option is the run's identity:
+``--resume`` and ``csm benchmark`` refuse a run folder that differs in any of them."""
+
+
+def identity_diffs(old: Any, new: Any) -> list[str]:
+    """Options (outside :data:`NOT_IDENTITY`) whose values differ between two configs.
+
+    Args:
+        old: A :class:`TrainConfig` or its dict (:func:`csm.config.config_to_dict`).
+        new: The same for the other run.
+    """
+    a = old if isinstance(old, dict) else config_to_dict(old)
+    b = new if isinstance(new, dict) else config_to_dict(new)
+    return [k for k in dict.fromkeys([*a, *b]) if k not in NOT_IDENTITY and a.get(k) != b.get(k)]
+
+
+CHECKPOINT = Path("checkpoints") / "last"
+"""The resume state inside a run folder."""
+
+
+def has_checkpoint(out: str | os.PathLike) -> bool:
+    """Whether run folder ``out`` holds a complete resume state."""
+    return (Path(out) / CHECKPOINT / "loop.json").is_file()
 
 
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     """Check ``out`` against ``resume``/``overwrite``; returns (dir, resuming)."""
     out = Path(cfg.out)
-    ckpt = out / "checkpoints" / "last.pt"
     existing = out.is_dir() and any(out.iterdir())
     if not existing:
         return out, False
@@ -222,29 +245,15 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
     if cfg.overwrite:
         return out, False
     old = load_config(TrainConfig, out / "config.yaml")
+    diffs = identity_diffs(old, cfg)
     if cfg.resume:
-        diffs = [
-            k
-            for k in config_to_dict(cfg)
-            if k
-            not in (
-                "resume",
-                "overwrite",
-                "epochs",
-                "max_steps",
-                "checkpoint_every",
-                "eval_batch_size",
-            )
-            and getattr(old, k) != getattr(cfg, k)
-        ]
         if diffs:
             raise CSMError(
                 f"--out {out}: --resume with different settings ({', '.join(diffs)}); "
                 "resume with the original options or pass --overwrite"
             )
-        return out, ckpt.is_file()
-    same = all(getattr(old, k) == getattr(cfg, k) for k in RUN_IDENTITY)
-    what = "the same run" if same else "a different run"
+        return out, has_checkpoint(out)
+    what = "a different run" if diffs else "the same run"
     raise CSMError(
         f"--out {out}: already holds {what} ({old.method}/{old.model} on {old.dataset}); "
         "pass --resume to continue it or --overwrite to replace it"
@@ -259,30 +268,71 @@ def remove_run(out: Path) -> None:
 
 
 def save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    method: Any,
-    epoch: int,
-    rows: list[dict[str, Any]],
-    best: dict[str, float] | None,
-    best_epoch: int,
-    global_step: int,
+    accelerator: Any, out: Path, loop: dict[str, Any], method_state: dict[str, torch.Tensor]
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "epoch": epoch,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "method": method.state_dict() if hasattr(method, "state_dict") else None,
-        "rows": rows,
-        "best": best,
-        "best_epoch": best_epoch,
-        "global_step": global_step,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write the resume state of every process to ``out/checkpoints/last`` (call on all ranks).
+
+    ``accelerator.save_state`` writes the prepared model and optimizers (and each process's RNG
+    state) into a temporary folder; each process adds its method state (CRL keeps the history of
+    its own rows), the main process the loop state; the folder then replaces the previous
+    checkpoint with renames, so an interrupted save leaves the previous one intact.
+
+    Args:
+        accelerator: The run's ``accelerate.Accelerator`` (model and optimizers prepared).
+        out: The run folder.
+        loop: JSON-able loop state (epoch, global step, metric rows, best epoch and metrics).
+        method_state: ``method.state_dict()`` of this process.
+    """
+    final, tmp, old = (
+        out / CHECKPOINT,
+        out / "checkpoints" / ".last.tmp",
+        out / "checkpoints" / ".last.old",
+    )
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.save_state(str(tmp))
+    state = {k: v.detach().cpu().contiguous() for k, v in method_state.items()}
+    with atomic_path(tmp / f"method_{accelerator.process_index}.safetensors") as path:
+        save_file(state, str(path))
+    if accelerator.is_main_process:
+        write_json(tmp / "loop.json", loop)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Any, out: Path, method: Any) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns the loop state.
+
+    Args:
+        accelerator: The run's ``Accelerator`` with the same model and optimizers prepared.
+        out: The run folder.
+        method: The run's method (its state is restored in place).
+
+    Raises:
+        CSMError: The checkpoint is unreadable.
+    """
+    ckpt = out / CHECKPOINT
+    try:
+        accelerator.load_state(str(ckpt))
+        mine = ckpt / f"method_{accelerator.process_index}.safetensors"
+        method.load_state_dict(
+            load_file(str(mine if mine.is_file() else ckpt / "method_0.safetensors"))
+        )
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise CSMError(
+            f"{ckpt}: unreadable checkpoint ({err}); pass --overwrite to retrain"
+        ) from err
+    return read_json(ckpt / "loop.json")
 
 
 def jsonable(obj: Any) -> Any:
+    """``obj`` with everything JSON cannot hold turned into strings."""
     return json.loads(json.dumps(obj, default=str))

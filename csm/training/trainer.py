@@ -16,12 +16,20 @@ method.compute_loss(model, batch, state)``); the loop owns everything else:
 - model selection on the ``val`` split only (``select_metric``), never on ``test``;
 - a per-epoch ``metrics.csv``, checkpoints after every epoch and ``--resume`` (a resumed run equals
   an uninterrupted one: every random draw of epoch ``e`` comes from generators seeded by
-  ``(seed, e)``, and the checkpoint holds model, optimizer and method state);
-- ``accelerate launch`` on several processes or GPUs: each process takes its share of every global
-  batch and gradients are averaged weighted by share, so a run on P processes computes the same
-  update as one process whenever the loss is a per-sample mean and the model has no batch
-  statistics (BatchNorm layers normalise per process, as in plain DDP; their running statistics
-  are averaged across processes after each epoch). On CUDA machines use
+  ``(seed, e)``, and the checkpoint, accelerate's ``save_state`` plus the loop and method state,
+  holds model, optimizers and method state; :func:`csm.training.runs.save_checkpoint`);
+- a method's training plan (:meth:`csm.training.methods.Method.stages`): each stage has its
+  epochs, its parameters (and optimiser), its loss and whether the trainer augments; only stages
+  that train the classifier are validated (RefCal's SupCon stage is not);
+- ``accelerate launch`` on several processes or GPUs: an ``accelerate.Accelerator`` prepares the
+  model (with the method's own modules, one ``DistributedDataParallel`` forward per step) and the
+  optimisers. Every process walks the same global batches; the cheap random draws (crop offsets,
+  flips, synthetic indices) are made for the whole global batch and each process augments and
+  forwards only its own rows (:mod:`csm.training.sharding`). Each process's loss is weighted by
+  its share, so P processes compute the same update as one whenever the loss is a per-sample mean
+  and the model has no batch statistics. BatchNorm normalises per process as in plain DDP, whose
+  buffer broadcast keeps rank 0's running statistics (``--sync-bn``: SyncBatchNorm on CUDA).
+  Validation is sharded across processes (``predict(..., shard=True)``). On CUDA machines use
   ``accelerate launch --multi_gpu --num_processes P -m csm train ...``; on a CPU-only machine the
   same command starts P gloo processes. (``accelerate launch --cpu --num_processes P`` starts
   only ONE process: accelerate's simple launcher ignores ``num_processes`` on CPU without MPI.)
@@ -40,18 +48,19 @@ Run directory (``out``)::
     model.json          architecture + build kwargs (csm.training.models.model_spec)
     model.safetensors   weights of the best epoch on val
     metrics.csv         one row per epoch: stage, step, lr, train loss, val metrics, time
-    run.json            method, model, dataset, seed, status, best_epoch, best val metrics
-    checkpoints/last.pt resume state (torch.load(weights_only=True))
+    run.json            method, model, dataset, seed, status, best_epoch, best val, world_size
+    checkpoints/last/   resume state (accelerate save_state + loop.json + method_<rank>.safetensors)
 
 :func:`load_run` reloads a finished run (model in eval mode on the CPU).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +68,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from csm.calibration.metrics import higher_is_better
+from csm.calibration.metrics import compute_all, higher_is_better
 from csm.data.augment import Augment
 from csm.errors import CSMError
 from csm.training.config import TrainConfig, method_params, parse_model_options, validate_config
 from csm.training.inference import predict
+from csm.training.methods import Batch, Method, Stage, StepState, build_method
 from csm.training.models import MODELS, build_model_from_spec, model_spec
 from csm.training.optim import lr_at, make_optimizer
 from csm.training.runs import (
     jsonable,
+    load_checkpoint,
     prepare_run_dir,
     read_json,
     real_data_for,
@@ -79,52 +90,84 @@ from csm.training.runs import (
     write_metrics_csv,
 )
 from csm.training.sampler import load_synthetic_for
+from csm.training.sharding import augment_rows, loss_share, synthetic_rows
 from csm.utils import distributed_state, process_rows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_augment", "train", "train_command", "training_step"]
+__all__ = ["StepModule", "build_augment", "train", "train_command", "training_step"]
 
 
-def _dist() -> tuple[Any, int, int, torch.device]:
-    """(state, rank, world size, device) of this process."""
-    state = distributed_state()
-    return state, state.process_index, state.num_processes, state.device
+class StepModule(nn.Module):
+    """The model and the method's own modules; ``forward(batch, state)`` is a stage's loss.
+
+    Wrapping the whole loss in one module gives ``DistributedDataParallel`` exactly one forward
+    per step, whatever the method does inside (CSM's two forward passes, CLUE's MC-dropout
+    passes, RefCal's encoder-only and head-only stages, its projection head).
+
+    Args:
+        model: The classifier.
+        extra: Modules owned by the method (:meth:`~csm.training.methods.Method.all_modules`).
+    """
+
+    def __init__(self, model: nn.Module, extra: list[nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.extra = nn.ModuleList(extra)
+        self.loss_fn: Any = None
+
+    def forward(self, batch: Batch, state: StepState) -> torch.Tensor:
+        """The current stage's float32 loss of ``batch``."""
+        loss, _ = self.loss_fn(self.model, batch, state)
+        return loss.float()
 
 
-def _all_reduce_grads(params: list[nn.Parameter], world: int) -> None:
-    """Sum gradients over processes (each rank's loss is pre-weighted by its batch share)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
+@dataclass
+class _Loop:
+    """What the loop has done so far (checkpointed as ``loop.json``)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    best_epoch: int = -1
+    global_step: int = 0
+    stop: bool = False
 
 
-def _average_buffers(model: nn.Module, world: int) -> None:
-    """Average floating-point buffers (BatchNorm running statistics) over processes."""
-    if world == 1:
-        return
-    for b in model.buffers():
-        if b.is_floating_point():
-            torch.distributed.all_reduce(b)
-            b.div_(world)
+@dataclass
+class _Run:
+    """Everything one training run holds after setup."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    method: Method
+    model: nn.Module
+    step_module: StepModule
+    wrapped: nn.Module
+    stages: list[Stage]
+    optimizers: list[Any]
+    params: list[list[nn.Parameter]]
+    augment: Augment
+    real: Any
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    syn: Any = None
+    sampler: Any = None
+    syn_images: torch.Tensor | None = None
+    syn_soft: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def autocast(self) -> bool:
+        return self.device.type == "cuda" and self.cfg.bf16
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """Seed of random stream ``stream`` (order, augmentation, synthetic, method) in an epoch."""
     return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1)
-
-
-def _val_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    from csm.calibration.metrics import compute_all
-
-    return {f"val/{k}": float(v) for k, v in compute_all(logits, labels).items()}
 
 
 def _better(metric: str, new: dict[str, Any], best: dict[str, Any] | None) -> bool:
@@ -164,52 +207,46 @@ def build_augment(cfg: TrainConfig, allow_hflip: bool) -> Augment:
 
 
 def training_step(
-    model: nn.Module,
-    method: Any,
-    optimizer: torch.optim.Optimizer,
+    step_module: nn.Module,
+    optimizer: Any,
     params: list[nn.Parameter],
-    batch: Any,
-    state: Any,
+    batch: Batch,
+    state: StepState,
     *,
+    accelerator: Any = None,
     grad_clip: float = 0.0,
     autocast: bool = False,
     loss_scale: float = 1.0,
-    world: int = 1,
-    pretrain_augment: Any = None,
 ) -> torch.Tensor:
-    """One optimisation step: method loss (bf16 autocast on CUDA), backward, all-reduce, clip.
+    """One optimisation step: loss (bf16 autocast on CUDA), backward, clip, step.
 
     Args:
-        model: The classifier (not wrapped; methods call ``forward_features``/``head``).
-        method: A :class:`csm.training.methods.Method`.
-        optimizer: Optimiser over ``params``.
-        params: Parameters trained in this stage.
-        batch: A :class:`csm.training.methods.Batch` (this process's rows).
-        state: A :class:`csm.training.methods.StepState`.
+        step_module: A :class:`StepModule` (or its ``DistributedDataParallel`` wrapper) whose
+            ``loss_fn`` is the current stage's loss.
+        optimizer: Optimiser over ``params`` (plain or prepared by accelerate).
+        params: Parameters trained in this stage (for clipping).
+        batch: This process's rows of the global batch.
+        state: The :class:`~csm.training.methods.StepState`.
+        accelerator: The run's ``Accelerator`` (``backward`` and clipping go through it); None
+            for a bare single-process step.
         grad_clip: Max gradient norm (0 disables).
         autocast: bf16 autocast (CUDA only).
-        loss_scale: This process's share of the global batch times the number of processes.
-        world: Number of processes (gradients are summed, then divided by it).
-        pretrain_augment: For RefCal stage 1, the view augmentation; selects ``pretrain_loss``.
+        loss_scale: :func:`csm.training.sharding.loss_share` of this process (1 for one).
 
     Returns:
         The detached float32 loss (no device synchronisation).
     """
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        if pretrain_augment is not None:
-            loss, _ = method.pretrain_loss(model, batch, augment=pretrain_augment, state=state)
-        else:
-            loss, _ = method.compute_loss(model, batch, state)
-    loss = loss.float()
+        loss = step_module(batch, state).float()
     optimizer.zero_grad(set_to_none=True)
-    (loss * loss_scale).backward()
-    if world > 1:
-        _all_reduce_grads(params, world)
-        for p in params:
-            if p.grad is not None:
-                p.grad.div_(world)
+    scaled = loss * loss_scale
+    if accelerator is not None:
+        accelerator.backward(scaled)
+    else:
+        scaled.backward()
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        clip = accelerator.clip_grad_norm_ if accelerator is not None else nn.utils.clip_grad_norm_
+        clip(params, grad_clip)
     optimizer.step()
     return loss.detach()
 
@@ -222,27 +259,11 @@ def _check_finite(loss_sum: torch.Tensor, cfg: TrainConfig, epoch: int, step: in
         )
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train a classifier and write the run directory (see the module docstring).
-
-    Args:
-        cfg: The resolved configuration.
-
-    Returns:
-        The run directory.
-
-    Raises:
-        CSMError: Unknown method or model, a synthetic dataset whose classes differ from the
-            real one, an out-of-range hyper-parameter, or a run directory holding another run
-            (without ``resume``/``overwrite``).
-    """
-    from csm.training.methods import METHODS, Batch, StepState, build_method
-
+# ------------------------------------------------------------------------------ setup
+def _check_inputs(cfg: TrainConfig) -> Method:
+    """Validate the configuration and build the method."""
     validate_config(cfg)
-    if cfg.method not in METHODS:
-        raise CSMError(f"--method {cfg.method!r}: unknown method; use one of {', '.join(METHODS)}")
     method = build_method(cfg.method, method_params(cfg))
-    model_options = parse_model_options(cfg.model_options)
     if not (cfg.model.startswith("hf:") or cfg.model in MODELS):
         raise CSMError(
             f"--model {cfg.model!r}: unknown architecture; use one of {sorted(MODELS)} "
@@ -253,26 +274,72 @@ def train(cfg: TrainConfig) -> Path:
             f"--method {cfg.method}: needs a synthetic dataset; pass --synthetic DIR "
             "(made by csm generate and csm annotate)"
         )
-    stages = int(getattr(method, "stages", 1))
-    if stages == 2:
-        pre_epochs, _ = method.stage_epochs(cfg.epochs)
-    else:
-        pre_epochs = 0
-    dist_state, rank, world, device = _dist()
-    is_main = rank == 0
+    return method
+
+
+def _accelerator(stages: list[Stage]) -> Any:
+    """An Accelerator on the process group of :func:`csm.utils.distributed_state`.
+
+    csm's own ``--bf16`` flag controls autocast, so accelerate's mixed precision stays off. A
+    method with several stages leaves some parameters unused in each, hence
+    ``find_unused_parameters`` for it.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    state = distributed_state()
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=len(stages) > 1)
+    return Accelerator(cpu=state.device.type == "cpu", mixed_precision="no", kwargs_handlers=[ddp])
+
+
+def _check_batches(cfg: TrainConfig, n_train: int, world: int) -> None:
+    """Every process needs at least one row of every global batch."""
+    last = n_train % cfg.batch_size or cfg.batch_size
+    if min(cfg.batch_size, last) < world:
+        raise CSMError(
+            f"--batch-size {cfg.batch_size}: with {world} processes every batch needs at least "
+            f"{world} images (the last batch of the {n_train} training images has {last}); "
+            "choose another --batch-size"
+        )
+
+
+def _model(cfg: TrainConfig, spec: dict[str, Any], world: int, device: torch.device) -> nn.Module:
+    """The classifier, initialised from the seed (SyncBatchNorm with ``--sync-bn``)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model_from_spec(spec).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and world > 1:
+        if device.type != "cuda":
+            raise CSMError(
+                "--sync-bn true: SyncBatchNorm needs CUDA processes; drop --sync-bn on CPU"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _setup(cfg: TrainConfig) -> tuple[_Run, _Loop, int]:
+    """Build data, model, method, accelerator and optimisers; resume if asked.
+
+    Returns:
+        The run, the loop state and the first epoch to train.
+    """
+    method = _check_inputs(cfg)
+    stages = method.stages(cfg.epochs)
+    accelerator = _accelerator(stages)
     out, resuming = prepare_run_dir(cfg)
-    if world > 1:
-        dist_state.wait_for_everyone()
-    if cfg.overwrite and is_main and out.is_dir():
+    accelerator.wait_for_everyone()
+    if cfg.overwrite and accelerator.is_main_process and out.is_dir():
         remove_run(out)
-    if world > 1:
-        dist_state.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
     real = real_data_for(cfg)
-    num_classes = real.num_classes
+    _check_batches(cfg, int(real.train.labels.shape[0]), accelerator.num_processes)
     c, h, _ = real.image_shape
     mean, std = _mean_std(real.train.images)
-    spec = model_spec(cfg.model, num_classes, c, h, mean, std, **model_options)
+    spec = model_spec(
+        cfg.model, real.num_classes, c, h, mean, std, **parse_model_options(cfg.model_options)
+    )
     syn = sampler = None
     if cfg.synthetic is not None and method.needs_synthetic:
         syn, sampler = load_synthetic_for(cfg, real)
@@ -282,225 +349,278 @@ def train(cfg: TrainConfig) -> Path:
             cfg.synthetic,
             cfg.method,
         )
-
-    torch.manual_seed(cfg.seed)
-    model = build_model_from_spec(spec).to(device)
-    cuda = device.type == "cuda"
-    autocast = cuda and cfg.bf16
-    if cuda and cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-
-    def stage_of(epoch: int) -> int:
-        return 1 if (stages == 1 or epoch < pre_epochs) else 2
-
-    def stage_params(stage: int) -> list[nn.Parameter]:
-        return list(dict.fromkeys(method.stage_parameters(model, stage)))
-
-    start_epoch, global_step, best_epoch = 0, 0, -1
-    rows: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    optimizer = make_optimizer(cfg, stage_params(stage_of(0)))
-    ckpt_path = out / "checkpoints" / "last.pt"
+    device = accelerator.device
+    model = _model(cfg, spec, accelerator.num_processes, device)
+    step_module = StepModule(model, method.all_modules(model))
+    params = [stage.parameters(model) for stage in stages]
+    optimizers = [make_optimizer(cfg, p) for p in params]
+    wrapped, *optimizers = accelerator.prepare(step_module, *optimizers)
+    run = _Run(
+        cfg,
+        out,
+        accelerator,
+        method,
+        model,
+        step_module,
+        wrapped,
+        stages,
+        optimizers,
+        params,
+        build_augment(cfg, real.allow_hflip),
+        real,
+        real.train.images.to(device),
+        real.train.labels.to(device),
+        syn,
+        sampler,
+        syn.images.to(device) if syn is not None else None,
+        syn.soft_labels.to(device) if syn is not None else None,
+    )
+    loop, start = _Loop(), 0
     if resuming:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        done = int(ckpt["epoch"])
-        optimizer = make_optimizer(cfg, stage_params(stage_of(done)))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        method.load_state_dict(ckpt["method"])
-        rows, best = list(ckpt["rows"]), ckpt["best"]
-        best_epoch, global_step = int(ckpt["best_epoch"]), int(ckpt["global_step"])
-        start_epoch = done + 1
-        logger.info("resuming %s after epoch %d", out, done + 1)
-    elif is_main:
+        saved = load_checkpoint(accelerator, out, method)
+        loop = _Loop(saved["rows"], saved["best"], saved["best_epoch"], saved["global_step"])
+        start = int(saved["epoch"]) + 1
+        logger.info("resuming %s after epoch %d", out, start)
+    elif accelerator.is_main_process:
         save_run(out, cfg, real.class_names, spec)
+    accelerator.wait_for_everyone()
+    return run, loop, start
 
-    augment = build_augment(cfg, real.allow_hflip)
-    train_images = real.train.images.to(device)
-    train_labels = real.train.labels.to(device)
-    syn_images = syn.images.to(device) if syn is not None else None
-    syn_soft = syn.soft_labels.to(device) if syn is not None else None
-    n_train = int(train_labels.shape[0])
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    stop = cfg.max_steps is not None and global_step >= cfg.max_steps
-    for epoch in range(start_epoch, cfg.epochs):
-        if stop:
+
+# ------------------------------------------------------------------------------ one epoch
+def _stage_at(stages: list[Stage], epoch: int) -> tuple[int, int]:
+    """(index of the stage that trains ``epoch``, first epoch of that stage)."""
+    start = 0
+    for i, stage in enumerate(stages):
+        if epoch < start + stage.epochs:
+            return i, start
+        start += stage.epochs
+    raise ValueError(f"epoch {epoch}: beyond the training plan")  # pragma: no cover
+
+
+def _local_batch(
+    run: _Run, idx: torch.Tensor, stage: Stage, g_aug: torch.Generator, g_syn: torch.Generator
+) -> tuple[Batch, slice]:
+    """This process's rows of the global batch ``idx``: random draws for all rows, work on its own.
+
+    Crops and flips run on uint8 (exact, less memory); synthetic indices are drawn for the whole
+    global batch and the process keeps the ones that go with its real rows.
+    """
+    acc, n = run.accelerator, int(idx.numel())
+    rows = process_rows(n, acc.process_index, acc.num_processes)
+    y = run.train_labels[idx]
+    raw = run.train_images[idx[rows]]
+    x = (augment_rows(run.augment, raw, n, rows, g_aug) if stage.augment else raw).float().div_(255)
+    syn_x = syn_y = None
+    if run.sampler is not None:
+        sidx = run.sampler.sample(y, g_syn)
+        srows = synthetic_rows(int(sidx.numel()), n, acc.process_index, acc.num_processes)
+        local = sidx[srows].to(run.device)
+        syn_raw = run.syn_images[local]
+        syn_x = (
+            augment_rows(run.augment, syn_raw, int(sidx.numel()), srows, g_aug).float().div_(255)
+        )
+        syn_y = run.syn_soft[local]
+    if run.device.type == "cuda" and run.cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        if syn_x is not None:
+            syn_x = syn_x.contiguous(memory_format=torch.channels_last)
+    return Batch(x, y[rows], idx[rows], syn_x, syn_y), rows
+
+
+def _train_epoch(run: _Run, loop: _Loop, epoch: int) -> dict[str, Any]:
+    """Train one epoch of the current stage; returns its metrics row (no validation yet)."""
+    cfg, acc = run.cfg, run.accelerator
+    i, stage_start = _stage_at(run.stages, epoch)
+    stage, optimizer, params = run.stages[i], run.optimizers[i], run.params[i]
+    run.step_module.loss_fn = stage.loss
+    torch.manual_seed(_epoch_seed(cfg.seed, epoch, 0))  # dropout and other global draws
+    g_order, g_aug, g_syn, g_method = (
+        torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, s)) for s in (1, 2, 3, 4)
+    )
+    n_train = int(run.train_labels.shape[0])
+    steps = math.ceil(n_train / cfg.batch_size)
+    perm = torch.randperm(n_train, generator=g_order)
+    run.wrapped.train()
+    t0, lr, step = time.time(), cfg.lr, 0
+    loss_sum, seen = torch.zeros((), device=run.device), 0
+    bar = tqdm(
+        range(steps),
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        disable=not acc.is_main_process,
+        leave=False,
+    )
+    for step in bar:
+        idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(run.device)
+        lr = lr_at(cfg, epoch - stage_start, step, steps, stage.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch, rows = _local_batch(run, idx, stage, g_aug, g_syn)
+        n = int(idx.numel())
+        views = (
+            None
+            if stage.augment
+            else partial(augment_rows, run.augment, n=n, rows=rows, generator=g_aug)
+        )
+        state = StepState(epoch, loop.global_step, i + 1, g_method, views)
+        loss = training_step(
+            run.wrapped,
+            optimizer,
+            params,
+            batch,
+            state,
+            accelerator=acc,
+            grad_clip=cfg.grad_clip,
+            autocast=run.autocast,
+            loss_scale=loss_share(n, acc.process_index, acc.num_processes),
+        )
+        loop.global_step += 1
+        loss_sum = loss_sum + loss * (rows.stop - rows.start)  # no per-step sync
+        seen += rows.stop - rows.start
+        if step % 10 == 0 or step == steps - 1:
+            _check_finite(loss_sum, cfg, epoch, step)
+            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.3g}")
+        if cfg.max_steps is not None and loop.global_step >= cfg.max_steps:
+            loop.stop = True
             break
-        stage = stage_of(epoch)
-        if stage == 2 and epoch == pre_epochs:  # stage boundary: optimise the head only
-            optimizer = make_optimizer(cfg, stage_params(2))
-        stage_start = pre_epochs if stage == 2 else 0
-        stage_len = (cfg.epochs - pre_epochs) if stage == 2 else (pre_epochs or cfg.epochs)
-        params = stage_params(stage)
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, 0))  # dropout and other global draws
-        g_order, g_aug, g_syn, g_method = (
-            torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, s)) for s in (1, 2, 3, 4)
+    bar.close()
+    run.method.on_epoch_end()
+    _check_finite(loss_sum, cfg, epoch, steps - 1)
+    total = acc.reduce(
+        torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64, device=run.device), "sum"
+    ).cpu()
+    row: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "stage": i + 1,
+        "step": loop.global_step,
+        "lr": lr,
+        "train/loss": float(total[0] / total[1].clamp(min=1)),
+        "time_s": round(time.time() - t0, 3),
+    }
+    if step < steps - 1:
+        row["partial"] = True  # stopped by max_steps inside the epoch
+    return row
+
+
+def _sync_buffers(run: _Run) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts them at the start of every forward; after an epoch's last step each process
+    holds the statistics of its own last batch, so before validation (sharded over processes)
+    and checkpointing every process takes rank 0's, the ones it saves.
+    """
+    if run.accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast
+
+    for buf in run.model.buffers():
+        buf.copy_(broadcast(buf.clone(), from_process=0))
+
+
+def _validate(run: _Run, loop: _Loop, row: dict[str, Any], epoch: int) -> bool:
+    """Add val metrics to ``row`` and update the best epoch; returns whether it improved."""
+    cfg = run.cfg
+    logits = predict(
+        run.model, run.real.val.images, cfg.eval_batch_size, run.device, run.autocast, shard=True
+    )
+    row.update({f"val/{k}": float(v) for k, v in compute_all(logits, run.real.val.labels).items()})
+    if not _better(cfg.select_metric, row, loop.best):
+        return False
+    loop.best = {k: v for k, v in row.items() if k.startswith("val/")}
+    loop.best_epoch = epoch + 1
+    return True
+
+
+def _save_epoch(run: _Run, loop: _Loop, row: dict[str, Any], epoch: int, improved: bool) -> None:
+    """Write weights (if improved), metrics.csv and, at checkpoint epochs, the resume state."""
+    cfg, acc = run.cfg, run.accelerator
+    if acc.is_main_process:
+        if improved:
+            save_weights(run.model, run.out / "model.safetensors")
+        write_metrics_csv(run.out / "metrics.csv", loop.rows)
+    # a max_steps stop inside an epoch keeps the previous checkpoint, so --resume replays the
+    # whole epoch and matches an uninterrupted run
+    last = epoch + 1 == cfg.epochs or loop.stop
+    if not row.get("partial") and ((epoch + 1) % cfg.checkpoint_every == 0 or last):
+        state = {"epoch": epoch, "rows": loop.rows, "best": loop.best}
+        state.update(best_epoch=loop.best_epoch, global_step=loop.global_step)
+        save_checkpoint(acc, run.out, state, run.method.state_dict())
+    shown = "".join(f", {k} {row[k]:.4f}" for k in ("val/cls/Acc", "val/cal/ECE") if k in row)
+    if acc.is_main_process:
+        logger.info(
+            "epoch %d/%d: train loss %.4f%s", epoch + 1, cfg.epochs, row["train/loss"], shown
         )
-        perm = torch.randperm(n_train, generator=g_order)
-        model.train()
-        t0 = time.time()
-        loss_sum, seen = torch.zeros((), device=device), 0
-        lr = cfg.lr
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not is_main,
-            leave=False,
-        )
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(device)
-            n_global = int(idx.numel())
-            lr = lr_at(cfg, epoch - stage_start, step, steps_per_epoch, stage_len)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            y = train_labels[idx]
-            first_stage_two = stage == 1 and stages == 2
-            # every rank draws the whole global batch, then keeps its rows: identical random
-            # streams for any number of processes. Crops/flips run on uint8 (exact, less memory).
-            raw = train_images[idx]
-            x = (raw if first_stage_two else augment(raw, g_aug)).float().div_(255)
-            syn_x = syn_y = None
-            if sampler is not None:
-                sidx = sampler.sample(y, g_syn).to(device)
-                syn_x = augment(syn_images[sidx], g_aug).float().div_(255)
-                syn_y = syn_soft[sidx]
-            rows_sl = process_rows(n_global, rank, world)
-            batch = Batch(
-                x[rows_sl],
-                y[rows_sl],
-                idx[rows_sl],
-                _syn_local(syn_x, n_global, rank, world),
-                _syn_local(syn_y, n_global, rank, world),
-            )
-            if cuda and cfg.channels_last:
-                batch.x = batch.x.contiguous(memory_format=torch.channels_last)
-                if batch.syn_x is not None:
-                    batch.syn_x = batch.syn_x.contiguous(memory_format=torch.channels_last)
-            state = StepState(epoch=epoch, step=global_step, stage=stage, generator=g_method)
-            loss = training_step(
-                model,
-                method,
-                optimizer,
-                params,
-                batch,
-                state,
-                grad_clip=cfg.grad_clip,
-                autocast=autocast,
-                loss_scale=_share(n_global, rank, world) * world,
-                world=world,
-                pretrain_augment=functools.partial(augment, generator=g_aug)
-                if first_stage_two
-                else None,
-            )
-            global_step += 1
-            loss_sum = loss_sum + loss * (rows_sl.stop - rows_sl.start)  # no per-step sync
-            seen += rows_sl.stop - rows_sl.start
-            if step % 10 == 0 or step == steps_per_epoch - 1:
-                _check_finite(loss_sum, cfg, epoch, step)
-                if is_main:
-                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.3g}")
-            if cfg.max_steps is not None and global_step >= cfg.max_steps:
-                stop = True
-                break
-        partial = step < steps_per_epoch - 1
-        bar.close()
-        method.on_epoch_end()
-        _average_buffers(model, world)
-        _check_finite(loss_sum, cfg, epoch, steps_per_epoch - 1)
-        train_loss = torch.tensor([float(loss_sum), float(seen)], dtype=torch.float64)
-        if world > 1:
-            torch.distributed.all_reduce(train_loss)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "stage": stage,
-            "step": global_step,
-            "lr": lr,
-            "train/loss": float(train_loss[0] / train_loss[1].clamp(min=1)),
-            "time_s": round(time.time() - t0, 3),
-        }
-        if partial:
-            row["partial"] = True  # stopped by max_steps inside the epoch
+
+
+def _write_run_json(run: _Run, loop: _Loop) -> None:
+    """The run's summary (main process)."""
+    cfg = run.cfg
+    partial = bool(loop.rows and loop.rows[-1].get("partial"))  # max_steps inside the last epoch
+    if loop.best is None:
+        raise CSMError(f"--epochs {cfg.epochs}: no epoch trained the classifier; give more epochs")
+    write_json(
+        run.out / "run.json",
+        {
+            "method": cfg.method,
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "synthetic": cfg.synthetic,
+            "seed": cfg.seed,
+            "status": "complete" if len(loop.rows) == cfg.epochs and not partial else "stopped",
+            "best_epoch": loop.best_epoch,
+            "select_metric": cfg.select_metric,
+            "val": loop.best,
+            "epochs_trained": len(loop.rows),
+            "steps": loop.global_step,
+            "world_size": run.accelerator.num_processes,
+            "device": run.device.type,
+            "method_params": jsonable(run.method.hparams()),
+            "num_train": int(run.train_labels.shape[0]),
+            "num_synthetic": 0 if run.syn is None else int(run.syn.images.shape[0]),
+        },
+    )
+
+
+# ------------------------------------------------------------------------------ the loop
+def train(cfg: TrainConfig) -> Path:
+    """Train a classifier and write the run directory (see the module docstring).
+
+    Args:
+        cfg: The resolved configuration.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        CSMError: Unknown method, model or method option, a synthetic dataset whose classes
+            differ from the real one, an out-of-range hyper-parameter, or a run directory
+            holding another run (without ``resume``/``overwrite``).
+    """
+    run, loop, start = _setup(cfg)
+    loop.stop = cfg.max_steps is not None and loop.global_step >= cfg.max_steps
+    for epoch in range(start, cfg.epochs):
+        if loop.stop:
+            break
+        row = _train_epoch(run, loop, epoch)
+        _sync_buffers(run)
         improved = False
-        if stage == 2 or stages == 1:
-            logits = predict(model, real.val.images, cfg.eval_batch_size, device, autocast)
-            row.update(_val_metrics(logits, real.val.labels))
-            improved = _better(cfg.select_metric, row, best)
-            if improved:
-                best = {k: v for k, v in row.items() if k.startswith("val/")}
-                best_epoch = epoch + 1
-        rows.append(row)
-        if is_main:
-            if improved:
-                save_weights(model, out / "model.safetensors")
-            write_metrics_csv(out / "metrics.csv", rows)
-            # a max_steps stop inside an epoch keeps the previous checkpoint, so --resume
-            # replays the whole epoch and matches an uninterrupted run
-            if not partial and (
-                (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stop
-            ):
-                save_checkpoint(
-                    ckpt_path, model, optimizer, method, epoch, rows, best, best_epoch, global_step
-                )
-            shown = "".join(
-                f", {k} {row[k]:.4f}" for k in ("val/cls/Acc", "val/cal/ECE") if k in row
-            )
-            logger.info(
-                "epoch %d/%d: train loss %.4f%s", epoch + 1, cfg.epochs, row["train/loss"], shown
-            )
-        if world > 1:
-            dist_state.wait_for_everyone()
-    if is_main:
-        if best is None:
-            raise CSMError(
-                f"--epochs {cfg.epochs}: no epoch trained the classifier; give more epochs"
-            )
-        write_json(
-            out / "run.json",
-            {
-                "method": cfg.method,
-                "model": cfg.model,
-                "dataset": cfg.dataset,
-                "synthetic": cfg.synthetic,
-                "seed": cfg.seed,
-                "status": "complete" if len(rows) == cfg.epochs else "stopped",
-                "best_epoch": best_epoch,
-                "select_metric": cfg.select_metric,
-                "val": best,
-                "epochs_trained": len(rows),
-                "steps": global_step,
-                "world_size": world,
-                "device": device.type,
-                "method_params": jsonable(method.hparams()),
-                "num_train": n_train,
-                "num_synthetic": 0 if syn is None else int(syn.images.shape[0]),
-            },
-        )
-    if world > 1:
-        dist_state.wait_for_everyone()
-    return out
-
-
-def _syn_local(t: torch.Tensor | None, n_real: int, rank: int, world: int) -> torch.Tensor | None:
-    """The synthetic rows that belong to this rank's real rows (the sampler's block layout)."""
-    if t is None or world == 1:
-        return t
-    blocks = t.shape[0] // max(1, n_real)
-    sl = process_rows(n_real, rank, world)
-    return torch.cat([t[b * n_real + sl.start : b * n_real + sl.stop] for b in range(blocks)])
-
-
-def _share(n: int, rank: int, world: int) -> float:
-    """Weight that turns this rank's mean loss into its part of the global mean (x world)."""
-    sl = process_rows(n, rank, world)
-    return (sl.stop - sl.start) / n if n else 0.0
+        if run.stages[_stage_at(run.stages, epoch)[0]].trains_classifier:
+            improved = _validate(run, loop, row, epoch)
+        loop.rows.append(row)
+        _save_epoch(run, loop, row, epoch, improved)
+        run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        _write_run_json(run, loop)
+    run.accelerator.wait_for_everyone()
+    return run.out
 
 
 def train_command(cfg: TrainConfig) -> str | None:
     """``csm train``: run :func:`train` and return a one-line summary (main process only)."""
     out = train(cfg)
     info_path = out / "run.json"
-    if _dist()[1] != 0 or not info_path.is_file():  # other processes of accelerate launch
-        return None
+    if not distributed_state().is_main_process or not info_path.is_file():
+        return None  # other processes of accelerate launch
     info = read_json(info_path)
     val = info.get("val") or {}
     shown = ", ".join(f"{k[4:]} {val[k]:.4f}" for k in ("val/cls/Acc", "val/cal/ECE") if k in val)

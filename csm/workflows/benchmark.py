@@ -18,7 +18,7 @@ noise, and every method is scored on the same test images.
 Resuming: rerunning the same command after an interruption skips every run whose ``run.json``
 says ``complete`` (after checking its settings match), continues a half-trained run from its last
 checkpoint (``csm train --resume``), and restarts a run that had not finished its first epoch.
-Evaluation reuses each run's cached logits (:mod:`csm.evaluation.evaluate`), so a restart after
+Evaluation reuses each run's cached logits (:mod:`csm.evaluation.cache`), so a restart after
 training costs little. A finished run whose settings differ from this benchmark's is an error, never
 silently mixed in.
 
@@ -36,16 +36,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from csm.config import config_to_dict, load_config, resolve_config, save_config
+from csm.config import load_config, resolve_config, save_config
 from csm.data.corruptions import SEVERITIES
 from csm.errors import CSMError
 from csm.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-# TrainConfig fields that may differ between a finished run and this benchmark without making
-# the run a different experiment.
-_IGNORED_DIFFS = ("resume", "overwrite", "out", "eval_batch_size", "checkpoint_every")
 
 
 @dataclass
@@ -126,7 +122,7 @@ def _parse_options(items: list[str]) -> dict[str, str]:
 
 def train_config_for(cfg: BenchmarkConfig, method: str, seed: int) -> Any:
     """The :class:`~csm.training.config.TrainConfig` of one benchmark run (layered like the CLI)."""
-    from csm.training.config import TrainConfig
+    from csm.training.config import TrainConfig, only_method_options
     from csm.training.methods import METHODS
 
     overrides: dict[str, Any] = {**_parse_options(cfg.train_options)}
@@ -149,7 +145,8 @@ def train_config_for(cfg: BenchmarkConfig, method: str, seed: int) -> Any:
     )
     if cfg.epochs is not None:
         overrides["epochs"] = cfg.epochs
-    return resolve_config(TrainConfig, cfg.train_config, overrides)
+    # one set of options for many methods: each run keeps only the options its method accepts
+    return only_method_options(resolve_config(TrainConfig, cfg.train_config, overrides))
 
 
 def run_dir_for(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
@@ -165,6 +162,7 @@ def run_state(tcfg: Any) -> str:
             folder that holds no training run (never deleted automatically).
     """
     from csm.training.config import TrainConfig
+    from csm.training.runs import has_checkpoint, identity_diffs
 
     d = Path(tcfg.out)
     if not d.is_dir() or not any(d.iterdir()):
@@ -173,9 +171,7 @@ def run_state(tcfg: Any) -> str:
     if info_path.is_file() and (d / "config.yaml").is_file():
         info = json.loads(info_path.read_text())
         if info.get("status") == "complete":
-            old = config_to_dict(load_config(TrainConfig, d / "config.yaml"))
-            new = config_to_dict(tcfg)
-            diffs = [k for k in new if k not in _IGNORED_DIFFS and old.get(k) != new[k]]
+            diffs = identity_diffs(load_config(TrainConfig, d / "config.yaml"), tcfg)
             if diffs:
                 raise CSMError(
                     f"{d}: holds a finished run with different settings ({', '.join(diffs)}); "
@@ -188,7 +184,7 @@ def run_state(tcfg: Any) -> str:
             f"{d}: folder is not empty but holds no training run; remove it (or use a new "
             "--out) and rerun the benchmark"
         )
-    if (d / "checkpoints" / "last.pt").is_file():
+    if has_checkpoint(d):
         return "partial"
     return "broken"
 

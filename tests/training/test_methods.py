@@ -123,7 +123,7 @@ def test_every_method_learns_separable_blobs(name: str) -> None:
     if name == "refcal":
         method.augment = lambda t: t + 0.05 * torch.randn_like(t)
     g = torch.Generator().manual_seed(0)
-    stages = [1, 2] if method.stages == 2 else [1]
+    stages = list(range(1, len(method.stages(2)) + 1))  # refcal: SupCon, then the head
     for stage in stages:
         opt = torch.optim.SGD(method.stage_parameters(model, stage), lr=0.2, momentum=0.9)
         for step in range(25):
@@ -410,10 +410,11 @@ def test_all_method_params_have_help_and_one_type() -> None:
     params = all_method_params()
     for cls in METHODS.values():
         for name, default in cls.param_defaults().items():
-            assert params[name][0] is type(default), name
-            assert params[name][1]
-    assert params["gamma"][0] is float and params["joint_forward"][0] is bool
-    assert params["mc_samples"][0] is int and params["csm_loss"][0] is str
+            assert params[name].type is type(default), name
+            assert params[name].help
+    assert params["gamma"].type is float and params["joint_forward"].type is bool
+    assert params["mc_samples"].type is int and params["csm_loss"].type is str
+    assert "focal: focusing parameter >= 0 (default 3.0)" in params["gamma"].help
 
 
 class _Wrapper(nn.Module):
@@ -442,14 +443,52 @@ def test_methods_reach_head_through_a_wrapper(name: str) -> None:
 
 
 def test_every_method_parameter_is_a_train_flag() -> None:
-    """The trainer forwards a flat dict and methods ignore unknown keys, so a renamed parameter
-    would silently stop reaching its method: pin the names to TrainConfig's fields."""
+    """TrainConfig's method fields are derived from the methods' declarations: every declared
+    parameter is a field (default None, help from the declaration) and reaches its method."""
     import dataclasses
 
     from csm.training.config import TrainConfig, method_params
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    names = set(all_method_params())
-    assert names <= fields, sorted(names - fields)
-    forwarded = set(method_params(TrainConfig()))
-    assert names <= forwarded, sorted(names - forwarded)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for name, param in all_method_params().items():
+        assert fields[name].default is None and fields[name].metadata["help"] == param.help
+    for method, cls in METHODS.items():
+        for name, param in cls.params().items():
+            value = param.default if param.type is not bool else not param.default
+            cfg = TrainConfig(method=method, **{name: value})
+            assert method_params(cfg) == {name: value}
+            assert build_method(method, method_params(cfg)).hparams()[name] == value
+
+
+def test_method_options_are_checked_against_the_chosen_method() -> None:
+    from csm.training.config import TrainConfig, method_params, only_method_options
+
+    with pytest.raises(CSMError, match=r"--gamma 3.0: not an option of method ls; its options "):
+        method_params(TrainConfig(method="ls", gamma=3.0))
+    with pytest.raises(CSMError, match="--margin 1.0: not an option of method focal.*--gamma"):
+        method_params(TrainConfig(method="focal", margin=1.0))
+    # refcal hands the flat dict to its stage-2 method, so it accepts that method's options
+    cfg = TrainConfig(method="refcal", stage2_method="focal", gamma=1.5)
+    assert method_params(cfg) == {"stage2_method": "focal", "gamma": 1.5}
+    with pytest.raises(CSMError, match="--gamma 1.5: not an option of method refcal"):
+        method_params(TrainConfig(method="refcal", gamma=1.5))
+    # one option set for many methods (csm benchmark): each keeps what it accepts
+    kept = only_method_options(TrainConfig(method="ce", gamma=3.0, alpha=0.2))
+    assert kept.gamma is None and kept.alpha is None
+    assert only_method_options(TrainConfig(method="focal", gamma=3.0, alpha=0.2)).gamma == 3.0
+
+
+def test_stage_plans() -> None:
+    plan = build_method("focal", {}).stages(7)
+    assert [(s.epochs, s.augment, s.trains_classifier) for s in plan] == [(7, True, True)]
+    refcal = build_method("refcal", {"pretrain_fraction": 0.75})
+    first, second = refcal.stages(4)
+    assert (first.epochs, first.augment, first.trains_classifier) == (3, False, False)
+    assert (second.epochs, second.augment, second.trains_classifier) == (1, True, True)
+    model = LinearNet()
+    assert {id(p) for p in second.parameters(model)} == {id(p) for p in model.head.parameters()}
+    assert len(first.parameters(model)) == len(list(model.parameters())) + 4  # + projection
+    x, y = _blobs(8)
+    views = StepState(stage=1, augment=lambda t: t + 0.01)
+    loss, logs = first.loss(model, Batch(x, y), views)
+    assert torch.isfinite(loss) and "loss/supcon" in logs

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +267,25 @@ def test_run_directory_layout_and_load_run(tmp_path):
     assert compute_all(logits, real.val.labels)["cls/NLL"] == pytest.approx(min(nll), rel=1e-5)
 
 
+def test_select_metric_risk_keeps_the_epoch_with_the_lowest_risk(tmp_path):
+    """sc/Risk@80 is lower-is-better (METRIC_INFO): selection must keep the minimum."""
+    cfg = tiny(tmp_path / "risk", epochs=3, batch_size=128, schedule="constant", lr=0.03)
+    run = train(dataclasses.replace(cfg, select_metric="sc/Risk@80"))
+    risks = [float(r["val/sc/Risk@80"]) for r in read_rows(run)]
+    assert len(set(risks)) > 1  # the epochs differ, so the choice is a real one
+    info = json.loads((run / "run.json").read_text())
+    assert info["best_epoch"] == 1 + int(np.argmin(risks))
+    assert info["val"]["val/sc/Risk@80"] == min(risks)
+
+
+def test_checkpoint_is_accelerate_state_plus_loop_and_method_state(tmp_path):
+    run = train(tiny(tmp_path / "c", method="crl", epochs=1))
+    names = {p.name for p in (run / "checkpoints" / "last").iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "loop.json", "method_0.safetensors"} <= names
+    crl = load_file(str(run / "checkpoints" / "last" / "method_0.safetensors"))
+    assert float(crl["seen"].sum()) == json.loads((run / "run.json").read_text())["num_train"]
+
+
 def test_load_run_errors_name_the_folder(tmp_path):
     with pytest.raises(CSMError, match="run directory not found"):
         load_run(tmp_path / "missing")
@@ -300,6 +321,11 @@ def test_refuses_a_different_run_unless_resume_or_overwrite(tmp_path):
         train(tiny(out))
     with pytest.raises(CSMError, match="--resume with different settings \\(method\\)"):
         train(tiny(out, method="ls", resume=True))
+    # one identity list (runs.NOT_IDENTITY): epochs change the schedule, max_steps does not
+    with pytest.raises(CSMError, match="--resume with different settings \\(epochs\\)"):
+        train(tiny(out, epochs=2, resume=True))
+    train(tiny(out, resume=True, max_steps=1, eval_batch_size=64))  # nothing left to train
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
     train(tiny(out, method="ls", overwrite=True))
     assert load_run(out).config.method == "ls"
     (tmp_path / "other").mkdir()
@@ -324,6 +350,8 @@ def test_refuses_a_different_run_unless_resume_or_overwrite(tmp_path):
         (["--optimizer", "lbfgs"], "--optimizer lbfgs"),
         (["--select-metric", "test/acc"], "--select-metric test/acc: not a validation metric"),
         (["--resume", "--overwrite"], "--resume and --overwrite: contradictory"),
+        (["--gamma", "3"], "--gamma 3.0: not an option of method ce; its options are: none"),
+        (["--method", "focal", "--margin", "2"], "--margin 2.0: not an option of method focal"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(flags, message, tmp_path, capsys):
@@ -384,65 +412,84 @@ def test_cli_trains_and_prints_a_summary(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ accelerate
-def test_two_processes_match_one_process(tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo) reproduces the 1-process run.
+# The README's multi-process commands are exactly these (plus --out).
+TWO_PROCESS_LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+TINY_ARGS = [
+    "--dataset",
+    "digits",
+    "--image-size",
+    "8",
+    "--model-options",
+    "width=8",
+    "norm=group",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "200",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "0.01",
+]
+TWO_PROCESS_RUNS = """
+# What `accelerate launch --multi_gpu --num_processes 2 -m csm train ARGS` runs (csm.cli.main),
+# three times in ONE launch (each launch costs seconds): uninterrupted, stopped, resumed.
+import json, os, shutil, sys
+from pathlib import Path
+from csm.cli import main
+args, base = sys.argv[1:], Path(os.environ["CSM_TEST_OUT"])
+assert main(["train", *args, "--out", str(base / "two")]) == 0
+part = ["train", *args, "--out", str(base / "part")]
+assert main([*part, "--max-steps", "10"]) == 0  # 7 steps per epoch: stops inside epoch 2
+if os.environ["RANK"] == "0":
+    shutil.copy(base / "part" / "run.json", base / "stopped-run.json")
+assert main([*part, "--resume"]) == 0
+"""
 
-    ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's simple
-    launcher ignores num_processes on CPU without MPI), so the two-process run goes through
-    the torchrun-based launcher; the trainer picks gloo because there is no CUDA.
-    A GroupNorm CNN keeps the update independent of how each batch is split.
-    """
-    args = [
-        "--dataset",
-        "digits",
-        "--image-size",
-        "8",
-        "--model-options",
-        "width=8",
-        "norm=group",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "200",
-        "--optimizer",
-        "adamw",
-        "--lr",
-        "0.01",
-    ]
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(out: Path, *args: str) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2 ARGS`` (2 gloo processes on CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env["CSM_TEST_OUT"] = str(out)
+    port = ["--main_process_port", str(_free_port()), "--mixed_precision", "no"]
+    cmd = [sys.executable, *TWO_PROCESS_LAUNCH, "--num_machines", "1", *port, *args]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_train_match_one_process_and_resume(tmp_path):
+    """Two real processes: world_size 2 is recorded and both ranks wrote their checkpoint
+    files; val metrics match one process (GroupNorm: the update does not depend on the split);
+    a 2-process run stopped by --max-steps and resumed equals the uninterrupted one."""
     if torch.cuda.is_available():
         pytest.skip("the CPU/gloo equivalence test runs on CPU-only machines")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29577",
-        "-m",
-        "csm",
-        "train",
-        *args,
-        "--out",
-        str(tmp_path / "two"),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
-    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    two, part = tmp_path / "two", tmp_path / "part"
+    script = tmp_path / "two_process_runs.py"
+    script.write_text(TWO_PROCESS_RUNS)
+    _launch(tmp_path, str(script), *TINY_ARGS)
+    assert main(["train", *TINY_ARGS, "--out", str(tmp_path / "one")]) == 0
+    info = json.loads((two / "run.json").read_text())
     one = json.loads((tmp_path / "one" / "run.json").read_text())
-    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert info["world_size"] == 2 and one["world_size"] == 1 and info["status"] == "complete"
+    ckpt = {p.name for p in (two / "checkpoints" / "last").iterdir()}
+    assert {"method_0.safetensors", "method_1.safetensors", "random_states_1.pkl"} <= ckpt
     for key, value in one["val"].items():
-        assert two["val"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        assert info["val"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     a = load_file(str(tmp_path / "one" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    b = load_file(str(two / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # stopped, then resumed: equals the uninterrupted 2-process run
+    stopped = json.loads((tmp_path / "stopped-run.json").read_text())
+    assert stopped["status"] == "stopped" and stopped["world_size"] == 2 and stopped["steps"] == 10
+    resumed = json.loads((part / "run.json").read_text())
+    assert resumed["status"] == "complete" and resumed["world_size"] == 2
+    assert (part / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in read_rows(two)]
+    assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in read_rows(part)]
