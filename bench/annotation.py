@@ -8,8 +8,9 @@ scans file names quadratically). Both sides run in this one process on the same 
   ``encoder.encode`` in batches (preprocessing + forward), nothing else.
 - ``annotate``: :func:`csm.annotation.annotate.annotate_dataset` end to end on the synthetic dataset
 folder:
-  read the Arrow shards, decode the PNGs, encode, project, squash, write the new shards
-  atomically, rewrite the card and metadata (report PNG off; timed separately). Prototypes are
+  read the Arrow shards, decode the PNGs, encode, project, squash, write the label-only
+  annotation and, as it is the active one, the main shards atomically, rewrite the card and
+  metadata (report PNG off; timed separately). Prototypes are
   cached beforehand (they are computed once per encoder and dataset; their cost is reported).
 
 Each side is timed ``--repeats`` times, alternating, and the minimum is kept, both as wall time
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from csm.annotation.annotate import annotate_dataset, class_prototypes  # noqa: E402
 from csm.annotation.encoders import load_encoder  # noqa: E402
 from csm.data.real import load_real  # noqa: E402
-from csm.synthetic.dataset import SyntheticWriter, load_synthetic_tensors  # noqa: E402
+from csm.synthetic import SyntheticWriter, load_synthetic_tensors  # noqa: E402
 
 
 def make_dataset(out: Path, real, num_images: int, group_size: int = 8) -> None:

@@ -1,6 +1,6 @@
 """Benchmark: cost of the synthetic dataset writer and reader against plain ``datasets``.
 
-The csm writer (:class:`csm.synthetic.dataset.SyntheticWriter`) adds, on top of what the standard
+The csm writer (:class:`csm.synthetic.SyntheticWriter`) adds, on top of what the standard
 Hugging Face route (``Dataset.from_dict(..., features).save_to_disk(dir)``) does: fixed group-range
 shards, an atomic rename per shard, a sha256 record per shard, the manifest, the dataset card and
 ``dataset_info.json``. This measures what that bookkeeping costs, in one process, on the same rows
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from annotation import make_dataset  # noqa: E402
 
 from csm.data.real import load_real  # noqa: E402
-from csm.synthetic.dataset import (  # noqa: E402
+from csm.synthetic import (  # noqa: E402
     SyntheticWriter,
     load_synthetic_tensors,
     soft_targets,

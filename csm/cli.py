@@ -13,6 +13,7 @@ with code 2; argparse usage errors exit 2 as well.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import importlib
 import logging
@@ -215,6 +216,33 @@ def _configure_logging(verbose: bool) -> bool:
     return rank == 0
 
 
+_EXIT = {"registered": False, "ok": True}
+
+
+def _leave_process_group_at_exit(ok: bool) -> None:
+    """At interpreter exit, leave the process group of ``accelerate launch`` cleanly.
+
+    Without it gloo processes can abort at exit ("terminate called without an active
+    exception") after a command that finished normally. It runs at exit, not here, so several
+    commands can run in one process (notebooks, tests) on the same group. After a failed command
+    the ranks do not wait for each other.
+    """
+    _EXIT["ok"] = _EXIT["ok"] and ok
+    dist = sys.modules.get("torch.distributed")
+    if _EXIT["registered"] or dist is None or not dist.is_available():
+        return
+    if dist.is_initialized():
+        atexit.register(_leave_process_group, dist)
+        _EXIT["registered"] = True
+
+
+def _leave_process_group(dist: Any) -> None:
+    if dist.is_initialized():
+        if _EXIT["ok"]:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``csm`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -241,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(_load(cmd.config), args._config, overrides)
         result = _load(cmd.run)(cfg)
+        _leave_process_group_at_exit(ok=True)
     except CSMError as exc:
+        _leave_process_group_at_exit(ok=False)
         print(f"csm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

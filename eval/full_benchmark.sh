@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Full benchmark of one embedded dataset, from nothing to eval/results/<dataset>-5seeds/:
 #   1. fit the class-conditional diffusion model (csm fit-diffusion, preset small)
-#   2. generate the semantic-mixing groups (csm generate; one copy is kept with lambda as label)
+#   2. generate the semantic-mixing groups once (csm generate; its lambda labels stay available
+#      as the built-in annotation DIR:lambda)
 #   3. train the annotation encoder: a CE classifier of its own (seed 100, not a benchmark run)
-#   4. reannotate a copy with squash s = 4 (csm annotate --encoder classifier:...)
+#   4. reannotate with squash s = 4 as the named annotation s4 (label-only data next to the same
+#      images, no copy: csm annotate --name s4 --encoder classifier:...); training reads DIR:s4
 #   5. csm benchmark: every method x SEEDS seeds, every calibrator, clean + shifted test
 #
 # usage: bash eval/full_benchmark.sh digits|mnist5k [PARALLEL]
@@ -27,25 +29,25 @@ case "$DATASET" in
   *) echo "full_benchmark.sh: unknown dataset $DATASET; use digits or mnist5k" >&2; exit 2 ;;
 esac
 MODEL=$WORK/cache/diffusion-$DATASET-small-${DIFF_STEPS}steps
-SYN_LAMBDA=$WORK/$DATASET/syn-lambda
-SYN=$WORK/$DATASET/syn-s4
+SYN_DIR=$WORK/$DATASET/syn
+SYN=$SYN_DIR:s4
 ENCODER=$WORK/$DATASET/encoder-ce-seed100
 OUT=eval/results/$DATASET-5seeds
 
 finished() { [ -f "$1/csm_synthetic.json" ] && python -c "import json,sys; sys.exit(0 if json.load(open('$1/csm_synthetic.json')).get('finalized') else 1)"; }
+# has_annotation DIR NAME: the dataset holds the named annotation NAME
+has_annotation() { [ -f "$1/csm_synthetic.json" ] && python -c "import json,sys; sys.exit(0 if '$2' in (json.load(open('$1/csm_synthetic.json')).get('annotations') or {}) else 1)"; }
 
 build_synthetic() {
   [ -f "$MODEL/model_index.json" ] || csm fit-diffusion --dataset "$DATASET" --preset small \
     --steps "$DIFF_STEPS" --seed 0 --num-threads 1 --out "$MODEL" \
     $( [ -d "$MODEL" ] && echo --resume )
-  finished "$SYN_LAMBDA" || csm generate --model "$MODEL" --out "$SYN_LAMBDA" --groups "$NGROUPS" \
-    --steps 25 --seed 0 --device cpu $( [ -d "$SYN_LAMBDA" ] && echo --resume )
+  finished "$SYN_DIR" || csm generate --model "$MODEL" --out "$SYN_DIR" --groups "$NGROUPS" \
+    --steps 25 --seed 0 --device cpu $( [ -d "$SYN_DIR" ] && echo --resume )
   [ -f "$ENCODER/model.safetensors" ] || csm train --config "train/$DATASET.yaml" --seed 100 \
     --out "$ENCODER" --overwrite
-  if [ ! -f "$SYN/annotation_report.json" ]; then
-    rm -rf "$SYN" && cp -r "$SYN_LAMBDA" "$SYN"
-    csm annotate "$SYN" --real "$DATASET" --encoder "classifier:$ENCODER" --squash 4 --device cpu
-  fi
+  has_annotation "$SYN_DIR" s4 || csm annotate "$SYN_DIR" --real "$DATASET" \
+    --encoder "classifier:$ENCODER" --squash 4 --name s4 --device cpu
 }
 
 # --synthetic reaches only the methods that train on it (csm benchmark drops it for the others,
@@ -79,7 +81,8 @@ else
 fi
 # the generator's samples, the annotation curve and the dataset card travel with the results
 mkdir -p "$OUT/annotation"
-cp "$SYN/annotation_report.json" "$SYN/annotation_report.png" "$OUT/annotation/"
-cp "$SYN/README.md" "$OUT/annotation/dataset_card.md"
+cp "$SYN_DIR/annotations/s4/annotation_report.json" "$SYN_DIR/annotations/s4/annotation_report.png" \
+  "$OUT/annotation/"
+cp "$SYN_DIR/README.md" "$OUT/annotation/dataset_card.md"
 cp "$MODEL/samples.png" "$OUT/annotation/diffusion_samples.png"
 time csm benchmark "${BENCH[@]}" --methods all

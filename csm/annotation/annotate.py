@@ -12,13 +12,23 @@ encoder ``f`` and class prototypes ``p_k`` (mean ``f(x)`` over the real training
 ``--mode judge`` (ablation) instead uses a classifier's probabilities restricted to ``{a, b}`` and
 renormalised: ``soft[a] = p_a / (p_a + p_b) = sigmoid(z_a − z_b)`` (``lam_hat`` records it).
 
+Each annotation is stored under a name (``--name``, default ``s<squash>`` or ``judge``) as
+label-only data next to the images (:mod:`csm.synthetic.variants`), so several annotations of
+one generation live side by side and ``csm train --synthetic DIR:NAME`` picks one. Annotating
+again with the same name replaces it (it is computed from the images and λ only, never from
+earlier soft labels). ``--activate`` also makes it the annotation in the main shards, which plain
+``datasets.load_dataset(DIR)`` and ``csm push`` read (by default: when no annotation is active
+yet, or when NAME is the active one); ``csm annotate DIR --name NAME --activate`` without an
+encoder only switches the active annotation.
+
 Prototypes are computed once per (encoder, real dataset) and cached as safetensors. Every image is
-encoded exactly once, in batches, while the next shard is decoded in a background thread. New
-shards are staged under ``DIR/.csm/annotate`` and swapped in only after every shard succeeded, so
-a failure leaves the dataset untouched; annotating again replaces the previous annotation (it is
-computed from the images and λ only, never from earlier soft labels). A report (JSON + PNG) of
-the annotated share of class ``a`` against λ per pair, and the share of images whose dominant
-class differs from what λ says, is written next to the data.
+encoded exactly once, in batches, while the next shard is decoded in a background thread. Under
+``accelerate launch`` each process encodes its contiguous share of the shards (and of the real
+images' batches for the prototypes); the main process gathers the results and is the only one
+that writes, so the labels are byte-identical to one process's. Nothing is written before every
+shard succeeded. A report (JSON + PNG) of the annotated share of class ``a`` against λ per pair,
+and the share of images whose dominant class differs from what λ says, is written next to the
+annotation's labels (and at the top of the dataset for the active one).
 """
 
 from __future__ import annotations
@@ -28,7 +38,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,27 +50,35 @@ from tqdm.auto import tqdm
 
 from csm.annotation.encoders import ImageEncoder, load_encoder
 from csm.errors import CSMError
-from csm.synthetic.dataset import (
-    RECORDS_DIR,
-    arrow_column,
-    check_dataset,
-    decode_images,
-    read_manifest,
-    read_table,
-    soft_targets,
-    synthetic_features,
-    update_shard_record,
-    write_dataset_metadata,
-    write_json_atomic,
-    write_table_atomic,
+from csm.synthetic.schema import ANNOTATIONS_DIR, LAMBDA_NAME, REPORT_JSON, REPORT_PNG
+from csm.synthetic.storage import check_dataset, decode_images, read_table, write_json_atomic
+from csm.synthetic.variants import (
+    activate as activate_annotation,
 )
-from csm.utils import atomic_path
+from csm.synthetic.variants import (
+    active_name,
+    check_name,
+    default_name,
+    label_table,
+    write_annotation,
+)
+from csm.utils import atomic_path, distributed_state, process_rows
 
 logger = logging.getLogger(__name__)
 
 MODES = ("projection", "judge")
-REPORT_JSON = "annotation_report.json"
-REPORT_PNG = "annotation_report.png"
+__all__ = [
+    "MODES",
+    "REPORT_JSON",
+    "REPORT_PNG",
+    "AnnotateConfig",
+    "annotate",
+    "annotate_dataset",
+    "annotation_report",
+    "class_prototypes",
+    "project",
+    "squash",
+]
 
 
 @dataclass
@@ -89,6 +106,21 @@ class AnnotateConfig:
     mode: str = field(
         default="projection",
         metadata={"help": "projection (CSM) or judge (classifier probabilities on {a,b})"},
+    )
+    name: str = field(
+        default="",
+        metadata={
+            "help": "name of this annotation (default: s<squash>, e.g. s4, or judge); "
+            "train on it with --synthetic DIR:NAME; the same name replaces it"
+        },
+    )
+    activate: bool | None = field(
+        default=None,
+        metadata={
+            "help": "also write it into the main shards, which datasets.load_dataset and csm "
+            "push read (default: when none is active yet or NAME is the active one); without "
+            "--encoder only switches the active annotation to NAME"
+        },
     )
     batch_size: int = field(default=256, metadata={"help": "images per encoder forward"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -131,6 +163,10 @@ def class_prototypes(
 ) -> torch.Tensor:
     """Mean encoder feature of the real train images per class, ``(K, D)`` float64; cached.
 
+    Under ``accelerate launch`` the processes split the batches
+    (:meth:`~csm.annotation.encoders.ImageEncoder.encode_batched`); the sums are accumulated batch
+    by batch in the same order as in one process, so the prototypes are bit-identical.
+
     Raises:
         CSMError: A class has no training image.
     """
@@ -142,23 +178,31 @@ def class_prototypes(
         return load_file(str(path))["prototypes"]
     k = real.num_classes
     images, labels = real.train.images, real.train.labels
-    sums: torch.Tensor | None = None
-    for start in tqdm(
-        range(0, len(labels), batch_size), desc="prototypes", unit="batch", leave=False
-    ):
-        feats = encoder.encode(images[start : start + batch_size]).double()
-        if sums is None:
-            sums = torch.zeros(k, feats.shape[1], dtype=torch.float64)
-        sums.index_add_(0, labels[start : start + batch_size], feats)
     counts = torch.bincount(labels, minlength=k).double()
-    if sums is None or (counts == 0).any():
+    if len(labels) == 0 or (counts == 0).any():
         empty = [real.class_names[i] for i in range(k) if counts[i] == 0]
         raise CSMError(
             f"real dataset {real.spec!r}: classes {empty} have no training image; "
             "prototypes need at least one image per class"
         )
+    state = distributed_state()
+    chunk = batch_size * 16 * state.num_processes  # whole batches; bounded memory
+    sums = torch.zeros(0)
+    for c in tqdm(
+        range(0, len(labels), chunk),
+        desc="prototypes",
+        unit="chunk",
+        leave=False,
+        disable=not state.is_main_process,
+    ):
+        feats = encoder.encode_batched(images[c : c + chunk], batch_size, shard=True).double()
+        if c == 0:
+            sums = torch.zeros(k, feats.shape[1], dtype=torch.float64)
+        for s in range(0, feats.shape[0], batch_size):  # the same sums as batch by batch
+            sums.index_add_(0, labels[c + s : c + s + batch_size], feats[s : s + batch_size])
     protos = sums / counts[:, None]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not state.is_main_process:
+        return protos  # only the main process writes
     with atomic_path(path) as tmp:
         save_file(
             {"prototypes": protos.contiguous(), "counts": counts},
@@ -206,28 +250,177 @@ def _image_hw(path: Path) -> tuple[int, int, int]:
     return tuple(decode_images(table, str(path)).shape[1:])  # type: ignore[return-value]
 
 
-def _annotated_table(
-    table: pa.Table, features: Any, share_a: np.ndarray, lam_hat: np.ndarray
-) -> pa.Table:
-    """``table`` with ``label``, ``lam_hat``, ``confidence`` and ``soft_label`` replaced."""
-    k = features["label"].num_classes
-    a = table.column("class_a").to_numpy()
-    b = table.column("class_b").to_numpy()
-    soft, label, conf = soft_targets(share_a, a, b, k)
-    new = {
-        "label": label,
-        "lam_hat": lam_hat.astype(np.float32),
-        "confidence": conf,
-        "soft_label": soft,
-    }
-    schema = features.arrow_schema
-    arrays = [
-        arrow_column(new[name], fld.type)
-        if name in new
-        else table.column(name).combine_chunks().cast(fld.type)
-        for name, fld in zip(schema.names, schema, strict=True)
+def _check_options(mode: str, batch_size: int, squash_s: float) -> None:
+    if mode not in MODES:
+        raise CSMError(f"mode={mode!r}: unknown annotation mode; use one of {', '.join(MODES)}")
+    if batch_size < 1:
+        raise CSMError(f"batch_size={batch_size}: must be >= 1")
+    if not math.isfinite(squash_s) or squash_s <= 0:
+        raise CSMError(f"squash={squash_s}: must be a positive number (paper code: 4.0 or 2.3)")
+
+
+def _prototypes_for(
+    encoder: ImageEncoder,
+    real: Any | None,
+    names: list[str],
+    mode: str,
+    batch_size: int,
+    cache_dir: str | None,
+) -> torch.Tensor | None:
+    """Check the encoder and real data against the dataset; the prototypes (projection mode)."""
+    if real is not None and list(real.class_names) != names:
+        raise CSMError(
+            f"real dataset {real.spec!r}: class names {list(real.class_names)[:10]} differ "
+            f"from the synthetic dataset's {names[:10]}; annotate with the dataset the "
+            "generator was trained on"
+        )
+    if mode == "projection":
+        if real is None:
+            raise CSMError("real: projection mode needs the real dataset; pass --real SPEC")
+        return class_prototypes(encoder, real, batch_size=batch_size, cache_dir=cache_dir)
+    if not encoder.can_classify:
+        encoder.logits(torch.zeros(0))  # raises the CSMError naming the spec
+    if encoder.class_names is not None and list(encoder.class_names) != names:
+        raise CSMError(
+            f"encoder {encoder.spec!r}: classifier classes {encoder.class_names[:10]} differ "
+            f"from the synthetic dataset's {names[:10]}; use a classifier trained on the same "
+            "dataset"
+        )
+    return None
+
+
+def _shard_labels(
+    pixels: np.ndarray,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    encoder: ImageEncoder,
+    protos: torch.Tensor | None,
+    squash_s: float,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(soft[a] float32, lam_hat float64)`` of one shard's images, batch by batch."""
+    images = torch.from_numpy(pixels)
+    if protos is None:  # judge
+        z = encoder.logits(images, batch_size).double()
+    else:
+        feats = encoder.encode_batched(images, batch_size)
+    share, lam_hat = [], []
+    for start in range(0, len(a), batch_size):
+        ia, ib = a[start : start + batch_size], b[start : start + batch_size]
+        if protos is None:
+            zb, rows = z[start : start + batch_size], torch.arange(len(ia))
+            s = torch.sigmoid(zb[rows, ia] - zb[rows, ib]).numpy()
+            share.append(s)
+            lam_hat.append(s)
+        else:
+            lh = project(feats[start : start + batch_size], protos, ia, ib).numpy()
+            lam_hat.append(lh)
+            share.append(squash(lh, squash_s))
+    share_a = np.concatenate(share).astype(np.float32) if share else np.zeros(0, np.float32)
+    return share_a, (np.concatenate(lam_hat) if lam_hat else np.zeros(0))
+
+
+def _load_shard(path: Path) -> tuple[pa.Table, np.ndarray]:
+    table = read_table(path)
+    return table, decode_images(table, str(path))
+
+
+def _encode_shards(
+    dataset: Path,
+    records: list[dict[str, Any]],
+    encoder: ImageEncoder,
+    protos: torch.Tensor | None,
+    squash_s: float,
+    batch_size: int,
+    state: Any,
+) -> list[dict[str, Any]]:
+    """Labels of this process's contiguous share of the shards (the next one decoded in a
+    background thread), gathered in shard order on every process."""
+    mine = records[process_rows(len(records), state.process_index, state.num_processes)]
+    paths = [dataset / r["file"] for r in mine]
+    out: list[dict[str, Any]] = []
+    error = None
+    try:
+        with (
+            ThreadPoolExecutor(max_workers=1) as pool,
+            tqdm(
+                total=sum(r["rows"] for r in mine),
+                desc="annotate",
+                unit="img",
+                disable=not state.is_main_process,
+            ) as bar,
+        ):
+            future = pool.submit(_load_shard, paths[0]) if paths else None
+            for i, record in enumerate(mine):
+                table, pixels = future.result()
+                if i + 1 < len(paths):
+                    future = pool.submit(_load_shard, paths[i + 1])
+                cols = {c: table.column(c).to_numpy() for c in ("class_a", "class_b", "lam")}
+                a, b = (torch.from_numpy(cols[c].astype(np.int64)) for c in ("class_a", "class_b"))
+                share, lam_hat = _shard_labels(pixels, a, b, encoder, protos, squash_s, batch_size)
+                cols.update(group_id=table.column("group_id").to_numpy(), share=share)
+                out.append({**cols, "lam_hat": lam_hat, "shard": record["shard"]})
+                bar.update(len(share))
+    except CSMError as exc:  # every process learns it (no process waits forever below)
+        error = str(exc)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([(error, out)])
+        error = next((e for e, _ in gathered if e), None)
+        out = [shard for _, part in gathered for shard in part]
+    if error:
+        raise CSMError(error)
+    return out
+
+
+def _commit(
+    dataset: Path,
+    name: str,
+    info: dict[str, Any],
+    results: list[dict[str, Any]],
+    names: list[str],
+    report: bool,
+    world_size: int,
+) -> dict[str, Any]:
+    """Write annotation ``name``'s label data and report (main process only); the report dict."""
+    tables = [
+        label_table(names, r["group_id"], r["share"], r["lam_hat"], r["class_a"], r["class_b"])
+        for r in results
     ]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    rep = annotation_report(
+        *(np.concatenate([r[c] for r in results]) for c in ("lam", "share", "class_a", "class_b")),
+        names,
+    )
+    info["mismatch_share"] = rep["mismatch_share"]
+    write_annotation(dataset, name, info, tables)
+    rep["annotation"] = {**info, "name": name}
+    rep["world_size"] = world_size
+    folder = dataset / ANNOTATIONS_DIR / name
+    if report:
+        write_json_atomic(rep, folder / REPORT_JSON)
+        plot_report(rep, folder / REPORT_PNG)
+    else:
+        for stale in (REPORT_JSON, REPORT_PNG):
+            (folder / stale).unlink(missing_ok=True)
+    return rep
+
+
+def _on_main(state: Any, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on the main process only; its result (or CSMError) reaches every process."""
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = fn(*args)
+        except CSMError as exc:
+            error = str(exc)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        result, error = broadcast_object_list([result, error])
+    if error:
+        raise CSMError(error)
+    return result
 
 
 def annotate_dataset(
@@ -240,8 +433,10 @@ def annotate_dataset(
     batch_size: int = 256,
     cache_dir: str | None = None,
     report: bool = True,
+    name: str | None = None,
+    activate: bool | None = None,
 ) -> dict[str, Any]:
-    """Annotate a finished synthetic dataset in place (atomically); returns the report dict.
+    """Annotate a finished synthetic dataset as annotation ``name``; returns the report dict.
 
     Args:
         dataset: Synthetic dataset directory.
@@ -252,101 +447,24 @@ def annotate_dataset(
         mode: ``projection`` or ``judge``.
         batch_size: Images per encoder forward.
         cache_dir: Prototype cache root.
-        report: Write ``annotation_report.json`` and ``.png`` into the dataset folder.
+        report: Write ``annotation_report.json`` and ``.png`` next to the labels.
+        name: The annotation's name (default :func:`~csm.synthetic.variants.default_name`);
+            an existing annotation of that name is replaced.
+        activate: Also write it into the main shards (``None``: when none is active yet or
+            ``name`` is the active one).
 
     Raises:
         CSMError: Unknown mode, class names that differ, a truncated shard or an undecodable image.
     """
     dataset = Path(dataset)
-    if mode not in MODES:
-        raise CSMError(f"mode={mode!r}: unknown annotation mode; use one of {', '.join(MODES)}")
-    if batch_size < 1:
-        raise CSMError(f"batch_size={batch_size}: must be >= 1")
-    if not math.isfinite(squash_s) or squash_s <= 0:
-        raise CSMError(f"squash={squash_s}: must be a positive number (paper code: 4.0 or 2.3)")
+    _check_options(mode, batch_size, squash_s)
+    name = check_name(name or default_name(mode, squash_s))
     manifest, records = check_dataset(dataset, full=True)
     names = list(manifest["params"]["class_names"])
-    if real is not None and list(real.class_names) != names:
-        raise CSMError(
-            f"real dataset {real.spec!r}: class names {list(real.class_names)[:10]} differ "
-            f"from the synthetic dataset's {names[:10]}; annotate with the dataset the "
-            "generator was trained on"
-        )
-    if mode == "judge":
-        if not encoder.can_classify:
-            encoder.logits(torch.zeros(0))  # raises the CSMError naming the spec
-        if encoder.class_names is not None and list(encoder.class_names) != names:
-            raise CSMError(
-                f"encoder {encoder.spec!r}: classifier classes {encoder.class_names[:10]} differ "
-                f"from the synthetic dataset's {names[:10]}; use a classifier trained on the same "
-                "dataset"
-            )
-        protos = None
-    else:
-        if real is None:
-            raise CSMError("real: projection mode needs the real dataset; pass --real SPEC")
-        protos = class_prototypes(encoder, real, batch_size=batch_size, cache_dir=cache_dir)
-    features = synthetic_features(names)
-    stage = dataset / RECORDS_DIR.parent / "annotate"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    total = sum(r["rows"] for r in records)
-    paths = [dataset / r["file"] for r in records]
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("lam", "share", "a", "b")}
-
-    def load(path: Path) -> tuple[pa.Table, np.ndarray]:
-        table = read_table(path)
-        return table, decode_images(table, str(path))
-
-    try:
-        with (
-            ThreadPoolExecutor(max_workers=1) as pool,
-            tqdm(total=total, desc="annotate", unit="img") as bar,
-        ):
-            future = pool.submit(load, paths[0]) if paths else None
-            for i, path in enumerate(paths):
-                table, pixels = future.result()
-                if i + 1 < len(paths):
-                    future = pool.submit(load, paths[i + 1])
-                a = torch.from_numpy(table.column("class_a").to_numpy().astype(np.int64))
-                b = torch.from_numpy(table.column("class_b").to_numpy().astype(np.int64))
-                images = torch.from_numpy(pixels)
-                share, lam_hat = [], []
-                for start in range(0, len(a), batch_size):
-                    stop = start + batch_size
-                    if mode == "judge":
-                        z = encoder.logits(images[start:stop]).double()
-                        ia, ib = a[start:stop], b[start:stop]
-                        rows = torch.arange(len(ia))
-                        s = torch.sigmoid(z[rows, ia] - z[rows, ib]).numpy()
-                        share.append(s)
-                        lam_hat.append(s)
-                    else:
-                        f = encoder.encode(images[start:stop])
-                        lh = project(f, protos, a[start:stop], b[start:stop]).numpy()
-                        lam_hat.append(lh)
-                        share.append(squash(lh, squash_s))
-                    bar.update(min(stop, len(a)) - start)
-                share_a = (
-                    np.concatenate(share).astype(np.float32) if share else np.zeros(0, np.float32)
-                )
-                lam_hat_a = np.concatenate(lam_hat) if lam_hat else np.zeros(0)
-                new = _annotated_table(table, features, share_a, lam_hat_a)
-                write_table_atomic(new, stage / path.name)
-                cols["lam"].append(table.column("lam").to_numpy())
-                cols["share"].append(share_a)
-                cols["a"].append(a.numpy())
-                cols["b"].append(b.numpy())
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    # every shard succeeded: swap the staged shards in, then re-record and rewrite the metadata
-    for record, path in zip(records, paths, strict=True):
-        os.replace(stage / path.name, path)
-        update_shard_record(dataset, record["shard"], path, record["rows"])
-    shutil.rmtree(stage, ignore_errors=True)
-    annotation = {
+    protos = _prototypes_for(encoder, real, names, mode, batch_size, cache_dir)
+    state = distributed_state()
+    results = _encode_shards(dataset, records, encoder, protos, squash_s, batch_size, state)
+    info = {
         "mode": mode,
         "encoder": encoder.spec,
         "encoder_fingerprint": encoder.fingerprint(),
@@ -354,25 +472,14 @@ def annotate_dataset(
         "real_dataset": getattr(real, "spec", None),
         "real_seed": getattr(real, "seed", None),
     }
-    rep = annotation_report(
-        np.concatenate(cols["lam"]),
-        np.concatenate(cols["share"]),
-        np.concatenate(cols["a"]),
-        np.concatenate(cols["b"]),
-        names,
-    )
-    annotation["mismatch_share"] = rep["mismatch_share"]
-    manifest = read_manifest(dataset)
-    manifest["annotation"] = annotation
-    write_json_atomic(manifest, dataset / "csm_synthetic.json")
-    write_dataset_metadata(dataset)
-    rep["annotation"] = annotation
-    if report:
-        write_json_atomic(rep, dataset / REPORT_JSON)
-        plot_report(rep, dataset / REPORT_PNG)
+    world = state.num_processes
+    rep = _on_main(state, _commit, dataset, name, info, results, names, report, world)
+    if activate if activate is not None else active_name(manifest) in (LAMBDA_NAME, None, name):
+        _on_main(state, activate_annotation, dataset, name)
     logger.info(
-        "annotated %d images; dominant class differs from lambda's for %.1f%%",
-        total,
+        "annotated %d images as %r; dominant class differs from lambda's for %.1f%%",
+        rep["num_images"],
+        name,
         100 * rep["mismatch_share"],
     )
     return rep
@@ -450,15 +557,29 @@ def plot_report(rep: dict[str, Any], path: Path) -> None:
         plt.close(fig)
 
 
+def _switch_active(cfg: AnnotateConfig) -> str:
+    """``csm annotate DIR --name NAME --activate`` without an encoder: switch the active one."""
+    state = distributed_state()
+    _on_main(state, activate_annotation, cfg.dataset, cfg.name)
+    return (
+        f"activated annotation {cfg.name!r} in {cfg.dataset}: datasets.load_dataset and csm push "
+        "now give its labels"
+    )
+
+
 def annotate(cfg: AnnotateConfig) -> str:
     """Run ``csm annotate`` (see module docstring); returns a one-line summary."""
     from csm.data.real import load_real
 
-    for name in ("dataset", "encoder"):
-        if not getattr(cfg, name):
-            raise CSMError(
-                f"{name}: missing; pass {'DATASET' if name == 'dataset' else '--encoder'}"
-            )
+    if not cfg.dataset:
+        raise CSMError("dataset: missing; pass DATASET")
+    if not cfg.encoder:
+        if cfg.activate and cfg.name:
+            return _switch_active(cfg)
+        raise CSMError(
+            "encoder: missing; pass --encoder (or --name NAME --activate to switch the active "
+            "annotation)"
+        )
     if cfg.mode not in MODES:
         raise CSMError(f"mode={cfg.mode!r}: unknown annotation mode; use one of {', '.join(MODES)}")
     manifest, records = check_dataset(cfg.dataset)
@@ -470,8 +591,7 @@ def annotate(cfg: AnnotateConfig) -> str:
             raise CSMError(
                 f"real dataset {cfg.real!r}: class names {list(real.class_names)[:10]} differ from "
                 f"the synthetic dataset's {manifest['params']['class_names'][:10]}; pass the "
-                "dataset "
-                "the generator was trained on"
+                "dataset the generator was trained on"
             )
     elif cfg.mode == "projection":
         raise CSMError("real: missing; projection mode needs --real SPEC for the class prototypes")
@@ -485,15 +605,22 @@ def annotate(cfg: AnnotateConfig) -> str:
         batch_size=cfg.batch_size,
         cache_dir=cfg.cache_dir,
         report=cfg.report,
+        name=cfg.name or None,
+        activate=cfg.activate,
     )
     from csm.config import save_config
 
-    save_config(cfg, Path(cfg.dataset) / ".csm", name="annotate_config.yaml")
+    name = rep["annotation"]["name"]
+    state = distributed_state()
+    if state.is_main_process:
+        save_config(cfg, Path(cfg.dataset) / ANNOTATIONS_DIR / name, name="annotate_config.yaml")
+    state.wait_for_everyone()  # the CLI then leaves the process group (csm.cli)
     curve = ", ".join(
         f"{g:.2f}:{v:.2f}" for g, v in zip(rep["lambda"], rep["share_a_mean"], strict=True)
     )
     return (
-        f"annotated {rep['num_images']} images in {cfg.dataset} ({cfg.mode}, {cfg.encoder}); "
-        f"mean soft[a] by lambda: {curve}; dominant class differs from lambda: "
+        f"annotated {rep['num_images']} images in {cfg.dataset} as {name!r} ({cfg.mode}, "
+        f"{cfg.encoder}; train on it with --synthetic {cfg.dataset}:{name}); mean soft[a] by "
+        f"lambda: {curve}; dominant class differs from lambda: "
         f"{100 * rep['mismatch_share']:.1f}%"
     )

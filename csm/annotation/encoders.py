@@ -12,7 +12,9 @@ with unnormalised features. Specs:
   ``pooler_output`` when the model has one, else the mean of ``last_hidden_state`` over tokens
   (or over space for convolutional maps).
 - ``classifier:<run dir>``: the penultimate features (``forward_features``) of a classifier that
-  ``csm train`` wrote; it also classifies, which ``csm annotate --mode judge`` needs.
+  ``csm train`` wrote, computed by the one inference loop
+  (:func:`csm.training.inference.predict`); it also classifies, which ``csm annotate --mode
+  judge`` needs.
 
 Every encoder takes uint8 images ``(N, C, H, W)`` and does its own preprocessing in torch (resize,
 channel adaptation, normalisation), so the plain forward and the annotation cost the same per
@@ -31,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from csm.errors import CSMError
-from csm.utils import resolve_device
+from csm.training.inference import Transform, predict
+from csm.utils import distributed_state, process_rows, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,25 @@ class ImageEncoder:
         """Features of uint8 images ``(N, C, H, W)`` as float32 ``(N, D)`` on the CPU."""
         return self.features(self.preprocess(images)).float().cpu()
 
+    def encode_batched(
+        self, images: torch.Tensor, batch_size: int, shard: bool = False
+    ) -> torch.Tensor:
+        """Features of all ``images``, :meth:`encode`-d ``batch_size`` at a time, on the CPU.
+
+        With ``shard`` under ``accelerate launch``, the processes split the batches (whole
+        batches, contiguous shares) and gather the features in order, so every process returns
+        what one process would, bit for bit.
+        """
+        starts = list(range(0, images.shape[0], batch_size))
+        state = distributed_state() if shard else None
+        if state is None or state.num_processes == 1 or len(starts) < state.num_processes:
+            return _cat([self.encode(images[s : s + batch_size]) for s in starts])
+        from accelerate.utils import gather_object
+
+        mine = starts[process_rows(len(starts), state.process_index, state.num_processes)]
+        local = [self.encode(images[s : s + batch_size]) for s in mine]
+        return _cat(gather_object(local))  # rank order = batch order
+
     @property
     def can_classify(self) -> bool:
         """Whether :meth:`logits` exists (``--mode judge``)."""
@@ -102,12 +124,16 @@ class ImageEncoder:
         """Class names of a classifier encoder, else ``None``."""
         return None
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Class logits ``(N, K)``; only classifier encoders."""
         raise CSMError(
             f"encoder {self.spec!r}: cannot classify, so --mode judge is unavailable; use "
             "--encoder classifier:<run dir>"
         )
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 class _TransformersEncoder(ImageEncoder):
@@ -273,32 +299,48 @@ class ClassifierEncoder(ImageEncoder):
     def class_names(self) -> list[str] | None:
         return self._class_names
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float().div_(255.0)
-        if self.channels:
-            x = _adapt_channels(x, int(self.channels))
-        if self.image_size and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )
-        return x
+    def _transform(self, images: torch.Tensor) -> Transform | None:
+        """The adaptation of ``images`` to the run's input (channels, size), or ``None``."""
+        size = self.image_size
+        channels = int(self.channels) if self.channels else images.shape[1]
+        resize = bool(size) and tuple(images.shape[-2:]) != (size, size)
+        if channels == images.shape[1] and not resize:
+            return None
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        def adapt(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            x = _adapt_channels(x, channels)
+            if resize:
+                x = F.interpolate(
+                    x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+                )
+            return x
 
-    @torch.inference_mode()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess(images)).float().cpu()
+        return adapt
 
-    @torch.inference_mode()
-    def encode_and_classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and logits from one forward (``head`` applied to the features)."""
-        feats = self.features(self.preprocess(images))
-        return feats.float().cpu(), self.model.head(feats).float().cpu()
+    def _predict(self, images: torch.Tensor, batch_size: int, features: bool, shard: bool) -> Any:
+        return predict(
+            self.model,
+            images,
+            max(1, batch_size),
+            self.device,
+            features=features,
+            transform=self._transform(images),
+            shard=shard,
+        )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features of uint8 images as one batch (through ``predict``)."""
+        return self._predict(images, images.shape[0], True, False)[1]
+
+    def encode_batched(
+        self, images: torch.Tensor, batch_size: int, shard: bool = False
+    ) -> torch.Tensor:
+        """Features batch by batch through the one inference loop (sharded like ``predict``)."""
+        return self._predict(images, batch_size, True, shard)[1]
+
+    def logits(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Class logits ``(N, K)`` on the CPU, ``batch_size`` images per forward (default: all)."""
+        return self._predict(images, batch_size or images.shape[0], False, False)
 
 
 #: Encoder registry: spec prefix -> class taking ``(spec, target, device)``.

@@ -5,7 +5,7 @@ ICML 2025, arXiv 2504.13548): group ``k`` shares one initial noise (seed
 :func:`csm.generation.mixing.seed_for_group` ``(k, seed)``) across ``G`` images at
 ``λ = 0, 1/(G-1), ..., 1`` for the pair :func:`csm.generation.mixing.pair_for_group` ``(k, K)``.
 Groups are written in shards of ``--groups-per-shard`` groups by
-:class:`csm.synthetic.dataset.SyntheticWriter`. Within a shard the images are produced in batches of
+:class:`csm.synthetic.SyntheticWriter`. Within a shard the images are produced in batches of
 ``--batch-size`` counted from the shard's first row, so a shard's pixels depend only on (shard,
 parameters): resuming after a kill (``--resume``) or splitting the shards across processes
 (``accelerate launch -m csm generate``, shard ``i`` goes to process ``i mod P``) gives exactly the
@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from csm.errors import CSMError
-from csm.synthetic.dataset import SyntheticWriter, to_uint8
+from csm.synthetic import SyntheticWriter, to_uint8
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,9 @@ import re
 from dataclasses import dataclass, field
 
 from csm.errors import CSMError
-from csm.synthetic.dataset import check_dataset, load_synthetic, render_card
+from csm.synthetic.card import render_card
+from csm.synthetic.reader import load_synthetic
+from csm.synthetic.storage import check_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,11 +121,11 @@ class SyntheticSampler:
 
 
 def load_synthetic_for(cfg: TrainConfig, real: Any) -> tuple[Any, SyntheticSampler]:
-    from csm.synthetic.dataset import load_synthetic_tensors
+    from csm.synthetic import load_synthetic_tensors
 
-    if not Path(cfg.synthetic).is_dir():
-        raise CSMError(f"--synthetic {cfg.synthetic}: folder not found; pass a csm generate output")
-    syn = load_synthetic_tensors(cfg.synthetic)
+    # DIR (the active annotation) or DIR:NAME (a named annotation over the same images); a bad
+    # DIR or an unknown NAME is one CSMError naming --synthetic and listing the names
+    syn = load_synthetic_tensors(cfg.synthetic, option="--synthetic")
     check_synthetic_matches(syn, real.class_names, real.image_shape, cfg.synthetic)
     sampler = SyntheticSampler(
         syn.group_id,

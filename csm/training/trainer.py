@@ -2,7 +2,7 @@
 
 The loop (:func:`train`) trains a classifier from :mod:`csm.training.models` on a real dataset
 (:func:`csm.data.real.load_real`), optionally with a synthetic soft-labelled dataset
-(:func:`csm.synthetic.dataset.load_synthetic_tensors`), with any method of
+(:func:`csm.synthetic.load_synthetic_tensors`), with any method of
 :data:`csm.training.methods.METHODS`.
 A method turns a :class:`~csm.training.methods.Batch` into a loss (``loss, logs =
 method.compute_loss(model, batch, state)``); the loop owns everything else:

@@ -107,7 +107,7 @@ def diffusion_model(cfg: DemoConfig) -> Path:
 def synthetic_dataset(cfg: DemoConfig, model: Path) -> Path:
     """Generate the mixed groups into ``OUT/synthetic`` (resuming an interrupted run)."""
     from csm.generation.generate import GenerateConfig, generate
-    from csm.synthetic.dataset import MANIFEST_NAME, read_manifest
+    from csm.synthetic import MANIFEST_NAME, read_manifest
 
     out = Path(cfg.out) / "synthetic"
     resume = (out / MANIFEST_NAME).is_file()
@@ -160,7 +160,7 @@ def encoder_run(cfg: DemoConfig, synthetic: Path) -> Path:
 def annotate_synthetic(cfg: DemoConfig, synthetic: Path, encoder: Path) -> dict[str, Any]:
     """Reannotate with the ``classifier:`` encoder unless already done with the same settings."""
     from csm.annotation.annotate import AnnotateConfig, annotate
-    from csm.synthetic.dataset import read_manifest
+    from csm.synthetic import read_manifest
 
     spec = f"classifier:{encoder}"
     ann = read_manifest(synthetic).get("annotation") or {}
@@ -177,7 +177,7 @@ def lambda_sweep_png(synthetic: Path, path: Path, rows: int = 6) -> Path:
     """A grid of the first ``rows`` groups: one row per group, λ from 0 (class b) to 1 (a)."""
     from PIL import Image
 
-    from csm.synthetic.dataset import load_synthetic_tensors
+    from csm.synthetic import load_synthetic_tensors
 
     t = load_synthetic_tensors(synthetic)
     order = np.lexsort((t.lam.numpy(), t.group_id.numpy()))

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +27,17 @@ from csm.annotation.encoders import ImageEncoder
 from csm.cli import main
 from csm.data.real import RealData, Split
 from csm.errors import CSMError
-from csm.synthetic.dataset import (
+from csm.synthetic import (
     SyntheticWriter,
+    activate,
     file_sha256,
     load_synthetic,
     load_synthetic_tensors,
     read_manifest,
     read_table,
-    write_table_atomic,
 )
+from csm.synthetic.schema import ANNOTATIONS_DIR
+from csm.synthetic.storage import write_table_atomic
 from tests.helpers import make_run
 
 NAMES = ["a", "b", "c"]
@@ -145,7 +151,8 @@ def test_annotation_recovers_blend_ratio_and_replaces(tmp_path):
     assert ds["label"] == np.where(share >= 0.5, ds["class_a"], ds["class_b"]).tolist()
     assert rep["mismatch_share"] == 0.0 and rep["num_images"] == 18
     assert rep["share_a_mean"][0] == pytest.approx(1 / (1 + np.exp(2.0)), abs=0.01)
-    report = json.loads((out / REPORT_JSON).read_text())
+    report = json.loads((out / ANNOTATIONS_DIR / "s4" / REPORT_JSON).read_text())
+    assert report == json.loads((out / REPORT_JSON).read_text()) and report["world_size"] == 1
     assert set(report["pairs"]) == {"a|b", "a|c", "b|c"}
     assert Image.open(out / REPORT_PNG).size[0] > 100
     manifest = read_manifest(out)
@@ -153,15 +160,84 @@ def test_annotation_recovers_blend_ratio_and_replaces(tmp_path):
         manifest["annotation"]["squash"] == 4.0 and manifest["annotation"]["mode"] == "projection"
     )
     assert "Calibrated reannotation" in (out / "README.md").read_text()
-    # annotating again with another s replaces: computed from λ̂, never from the old soft labels
+    assert manifest["annotation"]["name"] == "s4" and (out / ANNOTATIONS_DIR / "s4").is_dir()
+    # another s is another annotation over the same images: label-only, main shards untouched
+    main_shards = _digest(out / "train")
     annotate_dataset(out, enc, real=real, squash_s=2.0, cache_dir=str(tmp_path / "cache"))
-    ds2 = load_synthetic(out)
-    np.testing.assert_allclose(ds2["lam_hat"], ds["lam_hat"], atol=1e-6)
+    assert (
+        _digest(out / "train") == main_shards and load_synthetic(out)["soft_label"] == soft.tolist()
+    )
     share2 = 1 / (1 + np.exp(-2.0 * (lam_hat - 0.5)))
+    s2 = load_synthetic_tensors(f"{out}:s2")
+    np.testing.assert_allclose(s2.soft_labels.numpy()[rows, ds["class_a"]], share2, atol=1e-6)
+    assert s2.annotation == "s2" and load_synthetic_tensors(out).annotation == "s4"
+    assert np.array_equal(load_synthetic_tensors(f"{out}:s4").soft_labels, soft)
     np.testing.assert_allclose(
-        np.asarray(ds2["soft_label"])[rows, ds["class_a"]], share2, atol=1e-6
+        load_synthetic_tensors(f"{out}:lambda").soft_labels[rows, ds["class_a"]], lam, atol=1e-6
+    )
+    assert read_manifest(out)["annotation"]["squash"] == 4.0
+    # the same name replaces (computed from λ̂, never from the old soft labels), never compounds
+    for s in (2.0, 8.0):
+        annotate_dataset(
+            out, enc, real=real, squash_s=s, name="alt", cache_dir=str(tmp_path / "cache")
+        )
+    share8 = 1 / (1 + np.exp(-8.0 * (lam_hat - 0.5)))
+    alt = load_synthetic_tensors(f"{out}:alt").soft_labels.numpy()
+    np.testing.assert_allclose(alt[rows, ds["class_a"]], share8, atol=1e-6)
+    assert len(list((out / ANNOTATIONS_DIR / "alt").glob("*.arrow"))) == 2  # one per shard
+    card = (out / "README.md").read_text()
+    assert all(f"| `{n}` |" in card for n in ("lambda", "s4", "s2", "alt"))
+    # switching the active annotation rewrites the main shards' labels once; switching back
+    # gives the very same bytes
+    assert main(["annotate", str(out), "--name", "s2", "--activate"]) == 0
+    np.testing.assert_allclose(
+        np.asarray(load_synthetic(out)["soft_label"])[rows, ds["class_a"]], share2, atol=1e-6
     )
     assert read_manifest(out)["annotation"]["squash"] == 2.0
+    assert json.loads((out / REPORT_JSON).read_text())["annotation"]["name"] == "s2"
+    activate(out, "s4")
+    assert _digest(out / "train") == main_shards
+
+
+def test_interrupted_activation_is_detected_and_finished(tmp_path, monkeypatch):
+    real, enc = _real(), PixelEncoder()
+    protos = class_prototypes(enc, real, cache_dir=str(tmp_path / "cache"))
+    out = tmp_path / "syn"
+    _blend_dataset(out, protos.float())
+    annotate_dataset(out, enc, real=real, name="x", activate=False, cache_dir=str(tmp_path))
+    assert read_manifest(out)["annotation"] is None  # λ labels stay active
+    import csm.synthetic.variants as variants
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(variants, "update_shard_record", killed)
+    with pytest.raises(KeyboardInterrupt):
+        activate(out, "x")
+    monkeypatch.undo()
+    with pytest.raises(CSMError, match="activating annotation 'x' was interrupted; run"):
+        load_synthetic_tensors(out)
+    activate(out, "x")
+    assert np.array_equal(
+        load_synthetic_tensors(out).soft_labels, load_synthetic_tensors(f"{out}:x").soft_labels
+    )
+
+
+def test_unknown_annotation_names_the_option_and_the_choices(tmp_path):
+    real, enc = _real(), PixelEncoder()
+    out = tmp_path / "syn"
+    _blend_dataset(out, class_prototypes(enc, real, cache_dir=str(tmp_path)).float())
+    annotate_dataset(out, enc, real=real, cache_dir=str(tmp_path))
+    with pytest.raises(
+        CSMError, match=r"^--synthetic .*:nope: no annotation named 'nope'; available: lambda, s4$"
+    ):
+        load_synthetic_tensors(f"{out}:nope", option="--synthetic")
+    with pytest.raises(CSMError, match="^--synthetic .*missing:s4: not a csm synthetic dataset"):
+        load_synthetic_tensors(f"{tmp_path / 'missing'}:s4", option="--synthetic")
+    with pytest.raises(CSMError, match="--name 'lambda'"):
+        annotate_dataset(out, enc, real=real, name="lambda", cache_dir=str(tmp_path))
+    with pytest.raises(CSMError, match="no annotation named 'zz'"):
+        activate(out, "zz")
 
 
 def test_mismatch_share_counts_flipped_dominant_class(tmp_path, monkeypatch):
@@ -242,13 +318,14 @@ def test_cli_classifier_projection_and_judge(tmp_path, capsys):
     )
     from csm.training.runs import load_run
 
-    t = load_synthetic_tensors(out)
+    assert read_manifest(out)["annotation"]["squash"] == 3.0  # s3 stays active
+    t = load_synthetic_tensors(f"{out}:judge")
     with torch.no_grad():
         p = torch.softmax(load_run(run).model(t.images.float() / 255), dim=1)
     rows = torch.arange(8)
     expect = p[rows, t.class_a] / (p[rows, t.class_a] + p[rows, t.class_b])
     torch.testing.assert_close(t.soft_labels[rows, t.class_a], expect, atol=1e-5, rtol=1e-5)
-    assert read_manifest(out)["annotation"]["mode"] == "judge"
+    assert read_manifest(out)["annotations"]["judge"]["mode"] == "judge"
 
 
 def test_bad_input_changes_nothing(tmp_path, capsys):
@@ -320,3 +397,50 @@ def test_undecodable_image_aborts_without_changes(tmp_path):
     with pytest.raises(CSMError, match="row 3 \\(group 2\\): the image does not decode"):
         annotate_dataset(out, enc, real=real, cache_dir=str(tmp_path / "cache"))
     assert _digest(out) == before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _label_bytes(out: Path) -> dict[str, bytes]:
+    """The label data, main shards and manifest of a dataset, as bytes."""
+    files = [*sorted((out / ANNOTATIONS_DIR).rglob("*.arrow")), *sorted((out / "train").glob("*"))]
+    return {str(p.relative_to(out)): p.read_bytes() for p in [*files, out / "csm_synthetic.json"]}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="accelerate launch multi-process on linux")
+def test_two_processes_annotate_byte_identical_to_one(tmp_path):
+    digits = [str(i) for i in range(10)]
+    run = make_run(tmp_path / "run", digits)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out in (one, two):
+        _digits_syn(out, digits)  # 2 shards: each process encodes one
+    args = ["--real", "digits", "--encoder", f"classifier:{run}", "--device", "cpu"]
+    args += ["--batch-size", "64", "--name", "s4"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process (OMP_NUM_THREADS=1): same float sums
+    try:
+        assert main(["annotate", str(one), *args, "--cache-dir", str(tmp_path / "c1")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), "-m", "csm", "annotate", str(two), *args,
+        "--cache-dir", str(tmp_path / "c2"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # both ranks took part (the report records 2 processes) and the results equal one process's
+    reports = [json.loads((out / REPORT_JSON).read_text()) for out in (one, two)]
+    assert [r.pop("world_size") for r in reports] == [1, 2] and reports[0] == reports[1]
+    assert _label_bytes(one) == _label_bytes(two)
+    from safetensors.torch import load_file  # the header's key order may differ: compare tensors
+
+    p1, p2 = (load_file(next((tmp_path / c / "prototypes").glob("*"))) for c in ("c1", "c2"))
+    assert all(torch.equal(p1[k], p2[k]) for k in ("prototypes", "counts"))

@@ -18,7 +18,7 @@ from csm.errors import CSMError
 from csm.generation.generate import GenerateConfig, generate
 from csm.generation.mixing import lambdas, pair_for_group, seed_for_group
 from csm.generation.pipeline import CSMMixingPipeline, build_unet
-from csm.synthetic.dataset import (
+from csm.synthetic import (
     SyntheticWriter,
     load_synthetic,
     load_synthetic_tensors,

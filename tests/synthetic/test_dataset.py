@@ -13,14 +13,14 @@ import pytest
 import yaml
 
 from csm.errors import CSMError
-from csm.synthetic.dataset import (
+from csm.synthetic import (
     SyntheticWriter,
     load_synthetic,
     load_synthetic_tensors,
     read_table,
     soft_targets,
-    write_table_atomic,
 )
+from csm.synthetic.storage import write_table_atomic
 
 NAMES = ["cat", "dog", "frog", "ship"]
 G = 4

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from csm.errors import CSMError
-from csm.synthetic.dataset import SyntheticWriter, load_synthetic
+from csm.synthetic import SyntheticWriter, load_synthetic
 from csm.synthetic.hub import PushConfig, push
 
 

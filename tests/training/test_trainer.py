@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from csm.cli import main
 from csm.config import resolve_config
 from csm.errors import CSMError
-from csm.synthetic.dataset import SyntheticTensors, SyntheticWriter
+from csm.synthetic import SyntheticTensors, SyntheticWriter
 from csm.training.config import TrainConfig
 from csm.training.methods import METHODS
 from csm.training.optim import lr_at

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from csm.cli import main
-from csm.synthetic.dataset import load_synthetic_tensors, read_manifest
+from csm.synthetic import load_synthetic_tensors, read_manifest
 
 
 def test_demo_end_to_end_and_resume(tmp_path, capsys):

@@ -1,0 +1,330 @@
+"""Named annotations of one generation, stored as label-only data over the same images.
+
+Several annotations of one synthetic dataset (λ labels, squash s = 2, 4, 8, judge mode, ...) live
+side by side. Each named annotation ``NAME`` keeps only the four label columns
+(:data:`~csm.synthetic.schema.LABEL_COLUMNS`) plus ``group_id`` as the row key, one small Arrow
+file per image shard, in the same row order::
+
+    DIR/annotations/NAME/labels-00003-of-00010-<sha256[:12]>.arrow
+    DIR/annotations/NAME/annotation_report.json, annotation_report.png
+
+and the manifest records, per annotation, its parameters and every file's rows, size and sha256
+(``manifest["annotations"][NAME]``). The name ``lambda`` is built in: soft labels that follow the
+generation ratio, computed from the ``lam`` column. Training picks one by name
+(``csm train --synthetic DIR:NAME``, :func:`csm.synthetic.reader.load_synthetic_tensors`) without
+touching the images.
+
+The *active* annotation (``manifest["annotation"]``) is the one whose columns are also in the main
+shards, because Arrow and ``datasets`` cannot join columns of different files on load: plain
+``datasets.load_from_disk(DIR)``, ``datasets.load_dataset(DIR)`` and ``csm push`` read the main
+shards only. Trade-off: writing a named annotation costs only its label files (a few bytes per
+image); *activating* one (:func:`activate`) rewrites the main shards once (image bytes copied,
+nothing re-encoded), so switching the active annotation costs one pass over the data while
+training on any named one costs nothing extra. Activation stages every new shard first (a failure
+leaves the dataset untouched), then marks the manifest ``activating`` while it swaps the shards
+in; a kill in that window is detected by every reader and finished by running the activation
+again (it is idempotent).
+
+Label files are content-addressed (the name carries the file's sha256) and the manifest is the
+commit point: annotating again with the same name writes new files, switches the manifest to them
+and only then deletes the old ones, so a kill at any moment leaves either the old or the new
+annotation, never a mix, and an annotation replaces, never compounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from csm.errors import CSMError
+from csm.synthetic.card import write_dataset_metadata
+from csm.synthetic.schema import (
+    ANNOTATIONS_DIR,
+    LABEL_COLUMNS,
+    LAMBDA_NAME,
+    MANIFEST_NAME,
+    RECORDS_DIR,
+    REPORT_JSON,
+    REPORT_PNG,
+    arrow_column,
+    label_columns,
+    label_features,
+    soft_targets,
+    synthetic_features,
+    table_from_columns,
+)
+from csm.synthetic.storage import (
+    check_dataset,
+    file_sha256,
+    read_manifest,
+    read_table,
+    shard_records,
+    update_shard_record,
+    verify_shard,
+    write_json_atomic,
+    write_table_atomic,
+)
+from csm.utils import atomic_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "activate",
+    "active_name",
+    "annotation_names",
+    "check_name",
+    "default_name",
+    "label_table",
+    "parse_spec",
+    "read_labels",
+    "with_labels",
+    "write_annotation",
+]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def default_name(mode: str, squash: float | None) -> str:
+    """The default name of an annotation: ``judge``, or ``s<squash>`` (``s4``, ``s2.3``)."""
+    return "judge" if mode == "judge" else f"s{float(squash):g}"
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it can name a written annotation, else raise :class:`CSMError`."""
+    if not _NAME_RE.match(name) or name == LAMBDA_NAME:
+        raise CSMError(
+            f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 64, not "
+            f"{LAMBDA_NAME!r}, which is built in), e.g. --name s4"
+        )
+    return name
+
+
+def annotation_names(manifest: dict[str, Any]) -> list[str]:
+    """Every annotation a dataset offers: the built-in ``lambda``, then the written ones."""
+    return [LAMBDA_NAME, *sorted(manifest.get("annotations") or {})]
+
+
+def active_name(manifest: dict[str, Any]) -> str | None:
+    """Name of the annotation in the main shards (``lambda`` before any; ``None``: unnamed)."""
+    ann = manifest.get("annotation")
+    return LAMBDA_NAME if ann is None else ann.get("name")
+
+
+def parse_spec(spec: str | Path) -> tuple[Path, str | None]:
+    """Split ``DIR[:NAME]`` into the directory and the annotation name (``None``: the active)."""
+    text = str(spec)
+    if Path(text).is_dir() or ":" not in text:
+        return Path(text), None
+    folder, _, name = text.rpartition(":")
+    return Path(folder), name or None
+
+
+def _label_file(index: int, num_shards: int, digest: str) -> str:
+    return f"labels-{index:05d}-of-{num_shards:05d}-{digest[:12]}.arrow"
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def label_table(
+    class_names: list[str],
+    group_id: np.ndarray,
+    share_a: np.ndarray,
+    lam_hat: np.ndarray,
+    class_a: np.ndarray,
+    class_b: np.ndarray,
+) -> pa.Table:
+    """The label-only table of one shard: ``group_id`` (row key) + the label columns."""
+    columns = label_columns(share_a, lam_hat, class_a, class_b, len(class_names))
+    columns["group_id"] = np.asarray(group_id, dtype=np.int64)
+    return table_from_columns(label_features(class_names), columns)
+
+
+def write_annotation(
+    out_dir: str | Path, name: str, info: dict[str, Any], tables: list[pa.Table]
+) -> dict[str, Any]:
+    """Store annotation ``name`` (one label table per image shard, in order); replaces any old one.
+
+    Returns:
+        The manifest entry written (``info`` + ``name`` + the file records).
+    """
+    out_dir = Path(out_dir)
+    check_name(name)
+    manifest, records = check_dataset(out_dir)
+    if len(tables) != len(records):
+        raise CSMError(f"annotation {name}: {len(tables)} label tables for {len(records)} shards")
+    folder = out_dir / ANNOTATIONS_DIR / name
+    files = []
+    for record, table in zip(records, tables, strict=True):
+        if table.num_rows != record["rows"]:
+            raise CSMError(f"annotation {name}: shard {record['shard']} has {record['rows']} rows")
+        data = _table_bytes(table)
+        digest = hashlib.sha256(data).hexdigest()
+        path = folder / _label_file(record["shard"], len(records), digest)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+        rel = f"{ANNOTATIONS_DIR}/{name}/{path.name}"
+        files.append(
+            {"shard": record["shard"], "file": rel, "rows": table.num_rows, "bytes": len(data)}
+            | {"sha256": digest}
+        )
+    entry = {**info, "name": name, "shards": files}
+    manifest = read_manifest(out_dir)
+    manifest.setdefault("annotations", {})[name] = entry
+    write_json_atomic(manifest, out_dir / MANIFEST_NAME)  # the commit point
+    keep = {Path(f["file"]).name for f in files}
+    for stale in folder.glob("labels-*.arrow"):
+        if stale.name not in keep:
+            stale.unlink()
+    write_dataset_metadata(out_dir)  # the card lists the annotations
+    return entry
+
+
+def _unknown(where: str, name: str, manifest: dict[str, Any]) -> CSMError:
+    return CSMError(
+        f"{where}: no annotation named {name!r}; available: "
+        f"{', '.join(annotation_names(manifest))} (`csm annotate DIR --name NAME` writes one)"
+    )
+
+
+def read_labels(
+    out_dir: str | Path,
+    manifest: dict[str, Any],
+    name: str,
+    shard: int,
+    main: pa.Table,
+    full: bool = False,
+) -> dict[str, np.ndarray]:
+    """Label columns of annotation ``name`` for image shard ``shard`` (its table ``main``).
+
+    ``lambda`` is computed from ``main``'s ``lam``; a written annotation is read from its file,
+    checked against its record (size, and sha256 if ``full``) and keyed by ``group_id``.
+
+    Returns:
+        ``label``, ``lam_hat``, ``confidence`` (N,) and ``soft_label`` (N, K) as numpy arrays.
+    """
+    a = main.column("class_a").to_numpy()
+    b = main.column("class_b").to_numpy()
+    if name == LAMBDA_NAME:
+        lam = main.column("lam").to_numpy()
+        soft, label, conf = soft_targets(lam, a, b, len(manifest["params"]["class_names"]))
+        nan = np.full(len(lam), np.nan, dtype=np.float32)
+        return {"label": label, "lam_hat": nan, "confidence": conf, "soft_label": soft}
+    entry = (manifest.get("annotations") or {}).get(name)
+    if entry is None:
+        raise _unknown(str(out_dir), name, manifest)
+    record = entry["shards"][shard]
+    path = Path(out_dir) / record["file"]
+    verify_shard(path, record, full=full)
+    table = read_table(path)
+    if not np.array_equal(table.column("group_id").to_numpy(), main.column("group_id").to_numpy()):
+        raise CSMError(
+            f"{path}: its rows do not match image shard {shard}; annotate again with --name {name}"
+        )
+    cols = {c: table.column(c).to_numpy() for c in ("label", "lam_hat", "confidence")}
+    soft = table.column("soft_label").to_pylist()
+    cols["soft_label"] = np.asarray(soft, dtype=np.float32).reshape(table.num_rows, -1)
+    return cols
+
+
+def with_labels(table: pa.Table, class_names: list[str], labels: dict[str, Any]) -> pa.Table:
+    """``table`` (a main shard) with its :data:`LABEL_COLUMNS` replaced by ``labels``."""
+    schema = synthetic_features(class_names).arrow_schema
+    arrays = [
+        arrow_column(labels[name], fld.type)
+        if name in LABEL_COLUMNS
+        else table.column(name).combine_chunks().cast(fld.type)
+        for name, fld in zip(schema.names, schema, strict=True)
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _finish_swaps(out_dir: Path) -> None:
+    """Re-record the shards an interrupted activation already swapped in (they match the sha256
+    it recorded before swapping), so that the shard check below passes for them."""
+    manifest = read_manifest(out_dir)
+    pending = manifest.get("activating_shards") or {}
+    for record in shard_records(out_dir, manifest) if pending else []:
+        path, new = out_dir / record["file"], pending.get(str(record["shard"]))
+        if new and record["sha256"] != new["sha256"] and path.is_file():
+            if path.stat().st_size == new["bytes"] and file_sha256(path) == new["sha256"]:
+                update_shard_record(out_dir, record["shard"], path, record["rows"])
+
+
+def _stage_shards(
+    out_dir: Path, manifest: dict[str, Any], records: list[dict[str, Any]], name: str, stage: Path
+) -> dict[str, dict[str, Any]]:
+    """Write every main shard with annotation ``name``'s labels under ``stage``; their records."""
+    names = list(manifest["params"]["class_names"])
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    staged = {}
+    try:
+        for record in records:
+            main = read_table(out_dir / record["file"])
+            labels = read_labels(out_dir, manifest, name, record["shard"], main, full=True)
+            path = stage / Path(record["file"]).name
+            write_table_atomic(with_labels(main, names, labels), path)
+            staged[str(record["shard"])] = {
+                "bytes": path.stat().st_size,
+                "sha256": file_sha256(path),
+            }
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return staged
+
+
+def activate(out_dir: str | Path, name: str) -> None:
+    """Materialise annotation ``name`` into the main shards (see the module docstring).
+
+    Raises:
+        CSMError: Unknown name, or a damaged shard or label file (nothing is changed then).
+    """
+    out_dir = Path(out_dir)
+    _finish_swaps(out_dir)
+    manifest, records = check_dataset(out_dir, full=True, activating_ok=True)
+    if name not in annotation_names(manifest):
+        raise _unknown(str(out_dir), name, manifest)
+    stage = out_dir / RECORDS_DIR.parent / "activate"
+    staged = _stage_shards(out_dir, manifest, records, name, stage)
+    # readers refuse the dataset until the swap below is done; a rerun finishes it
+    manifest.update(activating=name, activating_shards=staged)
+    write_json_atomic(manifest, out_dir / MANIFEST_NAME)
+    for record in records:
+        path = out_dir / record["file"]
+        os.replace(stage / path.name, path)
+        update_shard_record(out_dir, record["shard"], path, record["rows"])
+    shutil.rmtree(stage, ignore_errors=True)
+    _copy_report(out_dir, name)
+    entry = (manifest.get("annotations") or {}).get(name)
+    manifest["annotation"] = (
+        None if entry is None else {k: v for k, v in entry.items() if k != "shards"}
+    )
+    del manifest["activating"], manifest["activating_shards"]
+    write_json_atomic(manifest, out_dir / MANIFEST_NAME)
+    write_dataset_metadata(out_dir)
+    logger.info("activated annotation %r in %s", name, out_dir)
+
+
+def _copy_report(out_dir: Path, name: str) -> None:
+    """Put annotation ``name``'s report at the top of the dataset (none for ``lambda``)."""
+    for report in (REPORT_JSON, REPORT_PNG):
+        src = out_dir / ANNOTATIONS_DIR / name / report
+        if src.is_file():
+            with atomic_path(out_dir / report) as tmp:
+                shutil.copyfile(src, tmp)
+        else:
+            (out_dir / report).unlink(missing_ok=True)
