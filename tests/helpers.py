@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +59,36 @@ def make_run(
         model = build_model_from_spec(spec)
     cfg = cfg or TrainConfig(dataset="digits", out=str(path))
     return save_run(path, cfg, class_names, spec, model=model, info=info)
+
+
+# The README's multi-process prefix: `accelerate launch --multi_gpu --num_processes 2 ...`
+# (on a CPU-only machine that starts 2 gloo processes; `--cpu` would start only one).
+TWO_PROCESSES = ("--multi_gpu", "--num_processes", "2")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free local TCP port, so concurrent launches never share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_two(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``accelerate launch --multi_gpu --num_processes 2 ARGS`` (e.g. ``-m csm generate ...``).
+
+    The launch is pinned to this checkout (``PYTHONPATH``), one thread per process and a free
+    port; it returns the finished process (stdout and stderr captured), asserting exit code 0.
+    """
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *TWO_PROCESSES]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port())]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run(
+        [*launch, *args], env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

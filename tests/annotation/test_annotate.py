@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,7 +35,7 @@ from csm.synthetic import (
 )
 from csm.synthetic.schema import ANNOTATIONS_DIR
 from csm.synthetic.storage import write_table_atomic
-from tests.helpers import make_run
+from tests.helpers import launch_two, make_run
 
 NAMES = ["a", "b", "c"]
 LAMS = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
@@ -399,12 +396,6 @@ def test_undecodable_image_aborts_without_changes(tmp_path):
     assert _digest(out) == before
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _label_bytes(out: Path) -> dict[str, bytes]:
     """The label data, main shards and manifest of a dataset, as bytes."""
     files = [*sorted((out / ANNOTATIONS_DIR).rglob("*.arrow")), *sorted((out / "train").glob("*"))]
@@ -426,16 +417,7 @@ def test_two_processes_annotate_byte_identical_to_one(tmp_path):
         assert main(["annotate", str(one), *args, "--cache-dir", str(tmp_path / "c1")]) == 0
     finally:
         torch.set_num_threads(threads)
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "csm", "annotate", str(two), *args,
-        "--cache-dir", str(tmp_path / "c2"),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two("-m", "csm", "annotate", str(two), *args, "--cache-dir", str(tmp_path / "c2"))
     # both ranks took part (the report records 2 processes) and the results equal one process's
     reports = [json.loads((out / REPORT_JSON).read_text()) for out in (one, two)]
     assert [r.pop("world_size") for r in reports] == [1, 2] and reports[0] == reports[1]

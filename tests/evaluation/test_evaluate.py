@@ -125,7 +125,7 @@ from safetensors.torch import save_file  # noqa: E402
 from csm.config import load_config  # noqa: E402
 from csm.evaluation.evaluate import EvaluateConfig, evaluate, evaluate_runs  # noqa: E402
 from csm.evaluation.leaderboard import read_results  # noqa: E402
-from tests.helpers import make_run  # noqa: E402
+from tests.helpers import launch_two, make_run  # noqa: E402
 
 
 def trained_run(
@@ -405,21 +405,10 @@ def test_cli_evaluate(runs, tmp_path, capsys):
     assert code == 2 and err.startswith("csm: error: run ") and "\n" not in err
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_two_processes_split_inference_and_equal_one_process(runs, tmp_path, monkeypatch):
     """``accelerate launch --multi_gpu --num_processes 2 -m csm evaluate``: two gloo processes
     share the inference, only rank 0 writes, and every file equals a one-process run."""
     import json
-    import os
-    import subprocess
-    import sys
 
     import csm.evaluation.outputs as outputs_module
     import csm.evaluation.scoring as scoring_module
@@ -439,29 +428,10 @@ def test_two_processes_split_inference_and_equal_one_process(runs, tmp_path, mon
     evaluate(cfg)
     assert not (run / "eval_cache").exists()
     assert json.loads((one / "evaluation.json").read_text())["world_size"] == 1
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "csm",
-        "evaluate",
-        str(run),
-        "--out",
-        str(two),
-        *opts,
-        "--plots",
-        "false",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = launch_two(
+        "-m", "csm", "evaluate", str(run), "--out", str(two), *opts, "--plots", "false",
+        env={"CUDA_VISIBLE_DEVICES": ""}, timeout=600,
+    )  # fmt: skip
     record = json.loads((two / "evaluation.json").read_text())
     assert record["world_size"] == 2 and record["ranks"] == [0, 1]  # both processes ran
     assert proc.stdout.count("# Leaderboard") == 1  # rank 1 printed nothing

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from csm.config import resolve_config
 from csm.errors import CSMError
 from csm.generation.fit import FitDiffusionConfig, fit_diffusion, image_grid
 from csm.generation.pipeline import CSMMixingPipeline
+from tests.helpers import launch_two
 
 
 def _cfg(out, **kw) -> FitDiffusionConfig:
@@ -135,12 +133,6 @@ def test_cli_reports_error_and_exit_code(tmp_path, capsys):
     assert err.startswith("csm: error: --preset 'huge'") and len(err.strip().splitlines()) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _log(out: Path) -> tuple[list[float], list[float]]:
     rows = list(csv.DictReader((out / "training_log.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == list(range(len(rows)))
@@ -152,17 +144,10 @@ def test_two_processes_train_one_model_with_the_lr_trace_of_one(tmp_path):
     opts = dict(steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, grid_per_class=1)
     one = fit_diffusion(_cfg(tmp_path / "one", grid_steps=1, **opts))
     args = [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "csm", "fit-diffusion",
-        "--dataset", "digits", "--preset", "tiny", "--grid-steps", "1",
-        "--out", str(tmp_path / "two"), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two(
+        "-m", "csm", "fit-diffusion", "--dataset", "digits", "--preset", "tiny",
+        "--grid-steps", "1", "--out", str(tmp_path / "two"), *args,
+    )  # fmt: skip
     two = tmp_path / "two"
     assert json.loads((two / "training_config.json").read_text())["num_processes"] == 2
     lr1, loss1 = _log(one)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from csm.synthetic import (
     load_synthetic_tensors,
     read_manifest,
 )
+from tests.helpers import launch_two
 
 NAMES = ["zero", "one", "two"]
 
@@ -182,12 +180,6 @@ def test_cli_generate_and_bad_input(model_dir, tmp_path, capsys):
     assert not (tmp_path / "y").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _files(out: Path) -> dict[str, bytes]:
     """Every file of a finished dataset (the run's own ``.csm/`` config aside), as bytes."""
     return {
@@ -200,17 +192,11 @@ def _files(out: Path) -> dict[str, bytes]:
 @pytest.mark.skipif(sys.platform != "linux", reason="accelerate launch multi-process on linux")
 def test_two_processes_split_the_shards_and_equal_one(clean_run, model_dir, tmp_path):
     out = tmp_path / "syn"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "csm", "generate",
-        "--model", str(model_dir), "--out", str(out), "--groups", "7", "--group-size", "4",
-        "--steps", "2", "--groups-per-shard", "2", "--batch-size", "6", "--device", "cpu",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CSM_LOG_ALL_RANKS": "1"}
-    env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_two(
+        "-m", "csm", "generate", "--model", str(model_dir), "--out", str(out), "--groups", "7",
+        "--group-size", "4", "--steps", "2", "--groups-per-shard", "2", "--batch-size", "6",
+        "--device", "cpu", env={"CSM_LOG_ALL_RANKS": "1"},
+    )  # fmt: skip
     # both processes ran, each on its own shards (i mod 2)
     assert "process 0 of 2: shards [0, 2] of 4" in proc.stderr
     assert "process 1 of 2: shards [1, 3] of 4" in proc.stderr

@@ -6,10 +6,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +23,7 @@ from csm.training.optim import lr_at
 from csm.training.runs import load_run, real_data_for
 from csm.training.sampler import SyntheticSampler, check_synthetic_matches
 from csm.training.trainer import train
+from tests.helpers import launch_two
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -413,7 +410,6 @@ def test_cli_trains_and_prints_a_summary(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ accelerate
 # The README's multi-process commands are exactly these (plus --out).
-TWO_PROCESS_LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
 TINY_ARGS = [
     "--dataset",
     "digits",
@@ -447,20 +443,9 @@ assert main([*part, "--resume"]) == 0
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _launch(out: Path, *args: str) -> None:
     """``accelerate launch --multi_gpu --num_processes 2 ARGS`` (2 gloo processes on CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    env["CSM_TEST_OUT"] = str(out)
-    port = ["--main_process_port", str(_free_port()), "--mixed_precision", "no"]
-    cmd = [sys.executable, *TWO_PROCESS_LAUNCH, "--num_machines", "1", *port, *args]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two(*args, env={"HF_HUB_OFFLINE": "1", "CSM_TEST_OUT": str(out)})
 
 
 def test_two_processes_train_match_one_process_and_resume(tmp_path):
