@@ -23,6 +23,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from csm import __version__
 from csm.config import field_help, resolve_config, unwrap_optional
 from csm.errors import CSMError
@@ -77,7 +79,8 @@ COMMANDS: dict[str, Command] = {
         "csm.training.trainer:train_command",
     ),
     "push": Command(
-        "push a synthetic dataset and its card to the Hugging Face Hub",
+        "push a synthetic dataset, a fit-diffusion generator or a train run (with its card) to the "
+        "Hugging Face Hub",
         "csm.synthetic.hub:PushConfig",
         "csm.synthetic.hub:push",
         positional=("dataset",),
@@ -268,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         cfg = resolve_config(_load(cmd.config), args._config, overrides)
-        result = _load(cmd.run)(cfg)
+        with logging_redirect_tqdm():  # log lines go through tqdm.write: bars stay intact
+            result = _load(cmd.run)(cfg)
         _leave_process_group_at_exit(ok=True)
     except CSMError as exc:
         _leave_process_group_at_exit(ok=False)

@@ -3,12 +3,23 @@
 Every stage writes through :func:`atomic_path` (a temporary name, then an atomic rename), picks its
 device with :func:`resolve_device` and learns its rank and world size from
 :func:`distributed_state`, which wraps accelerate's ``PartialState``.
+
+Output folders are owned: every command that writes a folder (a training run, a generator, a
+synthetic dataset, an evaluation, a benchmark, a demo) first calls :func:`claim_output`, which
+writes the marker :data:`OWNER_FILE` naming the command. A command writes only into a new or empty
+folder or one its own kind owns; ``--overwrite`` deletes only a folder csm owns (and callers claim
+only after every input has been validated); :func:`check_output` is the same check without any
+write, for validating a whole plan up front.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +30,16 @@ import torch
 from csm.errors import CSMError
 
 __all__ = [
+    "KILL_ENV",
+    "OUTPUT_KINDS",
+    "OWNER_FILE",
     "atomic_path",
     "atomic_write_text",
+    "check_output",
+    "claim_output",
+    "clean_temp_files",
+    "kill_point",
+    "output_owner",
     "distributed_state",
     "process_rows",
     "resolve_device",
@@ -47,10 +66,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        kill_point(f"write:{path.name}")  # the data is in the temporary file, not yet renamed
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+KILL_ENV = "CSM_KILL_AT"
+"""Environment variable naming a kill point (tests and ``eval/kill_resume.py`` only)."""
+
+_kill_hits: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Die like ``kill -9`` here if ``$CSM_KILL_AT`` names this moment (crash-safety tests).
+
+    ``CSM_KILL_AT`` is ``PATTERN`` or ``PATTERN#N``: the process ends with ``os._exit(137)`` (no
+    cleanup, no ``finally`` blocks, exactly what ``kill -9`` leaves behind) at the ``N``-th point
+    (default 1) whose name matches the shell-style ``PATTERN``. Points are ``write:<file name>``
+    (an atomic write whose data is complete but not yet renamed into place) and the named steps
+    of the annotation switch-over (``activate:staged``, ``activate:committed``). Unset (always,
+    outside tests) this is a dictionary lookup.
+    """
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    pattern, _, nth = spec.partition("#")
+    if fnmatch.fnmatchcase(name, pattern):
+        _kill_hits[spec] = _kill_hits.get(spec, 0) + 1
+        if _kill_hits[spec] == int(nth or 1):
+            os._exit(137)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -96,3 +142,143 @@ def process_rows(n: int, rank: int, world: int) -> slice:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
+
+
+OWNER_FILE = ".csm-owner.json"
+"""The marker file naming the command that owns an output folder."""
+
+OUTPUT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "run": ("csm train", ("model.json", "run.json")),
+    "generator": ("csm fit-diffusion", ("training_config.json", "model_index.json")),
+    "synthetic": ("csm generate", ("csm_synthetic.json",)),
+    "evaluation": ("csm evaluate", ("evaluation.json",)),
+    "benchmark": ("csm benchmark", ("benchmark.json",)),
+    "demo": ("csm demo", ("demo.json",)),
+}
+"""kind -> (the command that writes it, files that identify a folder written before markers)."""
+
+# atomic_path's temporary names: ".<name>.<8 random chars>.tmp<suffix>" (tempfile.mkstemp)
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^/]*)?$")
+
+
+def output_owner(out: str | os.PathLike) -> str | None:
+    """The kind of output that owns folder ``out`` (its marker, else a legacy csm layout)."""
+    out = Path(out)
+    marker = out / OWNER_FILE
+    if marker.is_file():
+        try:
+            kind = json.loads(marker.read_text(encoding="utf-8")).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind in OUTPUT_KINDS:
+            return kind
+    for kind, (_, signs) in OUTPUT_KINDS.items():
+        if any((out / name).is_file() for name in signs):
+            return kind
+    return None
+
+
+def _has_content(out: Path) -> bool:
+    """Whether ``out`` holds anything besides the marker and temporary files of atomic writes."""
+    return any(p.name != OWNER_FILE and not _TEMP_RE.match(p.name) for p in out.iterdir())
+
+
+def check_output(
+    out: str | os.PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    flag: str = "--out",
+) -> bool:
+    """Check that command ``kind`` may write folder ``out``; writes nothing.
+
+    Args:
+        out: The output folder.
+        kind: One of :data:`OUTPUT_KINDS`.
+        overwrite: ``--overwrite`` was given.
+        resume: ``--resume`` was given.
+        flag: The option ``out`` came from, named in the errors.
+
+    Returns:
+        Whether ``out`` already holds output of ``kind`` (False: new or empty).
+
+    Raises:
+        CSMError: ``--resume`` with ``--overwrite``, ``out`` is a file, or ``out`` holds files csm
+            does not own or the output of another command.
+    """
+    if resume and overwrite:
+        raise CSMError("--resume and --overwrite: contradictory; pass only one of them")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CSMError(f"{flag} {path}: is a file, not a folder; pass a folder path")
+    if not path.is_dir() or not _has_content(path):
+        return False
+    owner = output_owner(path)
+    command = OUTPUT_KINDS[kind][0]
+    if owner is None:
+        raise CSMError(
+            f"{flag} {path}: the folder holds files not written by csm; choose a new or empty "
+            f"folder ({command} never writes into or deletes a folder it does not own)"
+        )
+    if owner != kind:
+        raise CSMError(
+            f"{flag} {path}: holds the output of {OUTPUT_KINDS[owner][0]} ({owner}); choose "
+            f"another folder ({command} never replaces another command's output)"
+        )
+    return True
+
+
+def claim_output(
+    out: str | os.PathLike,
+    kind: str,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    flag: str = "--out",
+) -> Path:
+    """Make ``out`` a folder owned by ``kind``: :func:`check_output`, then write the marker.
+
+    With ``overwrite`` the folder's contents are deleted first (it is owned by ``kind``, or
+    empty); call this only after every input has been validated. Temporary files of interrupted
+    atomic writes inside the folder are removed (:func:`clean_temp_files`).
+
+    Returns:
+        The folder.
+    """
+    path = Path(out)
+    owned = check_output(path, kind, overwrite=overwrite, resume=resume, flag=flag)
+    if owned and overwrite:
+        for child in sorted(path.iterdir()):
+            if child.name == OWNER_FILE:
+                continue  # removed last-but-rewritten: a kill here leaves an owned folder
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    if output_owner(path) != kind or not (path / OWNER_FILE).is_file():
+        marker = {"kind": kind, "command": OUTPUT_KINDS[kind][0]}
+        atomic_write_text(path / OWNER_FILE, json.dumps(marker) + "\n")
+    clean_temp_files(path)
+    return path
+
+
+def clean_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted :func:`atomic_path` writes left in ``folder``.
+
+    Only names of the form ``.<name>.<8 chars>.tmp<suffix>`` (what :func:`atomic_path` creates)
+    are removed, in ``folder`` and its sub-folders. Call it only on a folder this process owns and
+    no other process is writing.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if _TEMP_RE.match(name):
+                p = Path(root) / name
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from csm.annotation.encoders import ImageEncoder, load_encoder
 from csm.errors import CSMError
+from csm.synthetic.card import public_ref
 from csm.synthetic.schema import ANNOTATIONS_DIR, LAMBDA_NAME, REPORT_JSON, REPORT_PNG
 from csm.synthetic.storage import check_dataset, decode_images, read_table, write_json_atomic
 from csm.synthetic.variants import (
@@ -207,10 +208,12 @@ def class_prototypes(
         save_file(
             {"prototypes": protos.contiguous(), "counts": counts},
             str(tmp),
+            # one entry: safetensors' metadata is a hash map whose order varies between
+            # processes, so several keys would make the file's bytes differ run to run
             metadata={
-                "encoder": encoder.spec,
-                "dataset": real.spec,
-                "class_names": json.dumps(real.class_names),
+                "source": json.dumps(
+                    {"encoder": encoder.spec, "dataset": real.spec, "class_names": real.class_names}
+                )
             },
         )
     return protos
@@ -542,7 +545,7 @@ def plot_report(rep: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("annotated soft label of class a")
     ann = rep.get("annotation") or {}
     ax.set_title(
-        f"{ann.get('mode', '')} {ann.get('encoder', '')}\n"
+        f"{ann.get('mode', '')} {public_ref(ann.get('encoder', ''))}\n"  # no local paths
         f"dominant class differs from λ: {100 * rep['mismatch_share']:.1f}%",
         fontsize=8,
     )
@@ -567,6 +570,17 @@ def _switch_active(cfg: AnnotateConfig) -> str:
     )
 
 
+def _finish_interrupted_activation(dataset: str) -> None:
+    """Finish (or clean up after) a switch-over or label write that a kill interrupted, so that
+    a rerun of ``csm annotate`` continues instead of refusing the dataset; a no-op on a
+    consistent dataset (:func:`csm.synthetic.variants.recover`)."""
+    from csm.synthetic import read_manifest
+    from csm.synthetic.variants import recover
+
+    if read_manifest(dataset).get("finalized") and _on_main(distributed_state(), recover, dataset):
+        logger.warning("%s: finished what an interrupted csm annotate left behind", dataset)
+
+
 def annotate(cfg: AnnotateConfig) -> str:
     """Run ``csm annotate`` (see module docstring); returns a one-line summary."""
     from csm.data.real import load_real
@@ -582,6 +596,10 @@ def annotate(cfg: AnnotateConfig) -> str:
         )
     if cfg.mode not in MODES:
         raise CSMError(f"mode={cfg.mode!r}: unknown annotation mode; use one of {', '.join(MODES)}")
+    _check_options(cfg.mode, cfg.batch_size, cfg.squash)
+    if cfg.name:
+        check_name(cfg.name)
+    _finish_interrupted_activation(cfg.dataset)
     manifest, records = check_dataset(cfg.dataset)
     real = None
     if cfg.real:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from csm.errors import CSMError
 from csm.training.inference import Transform, predict
+from csm.training.models import import_transformers
 from csm.utils import distributed_state, process_rows, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class _TransformersEncoder(ImageEncoder):
         self.spec = spec
         self.target = target
         self.device = device
+        import_transformers(f"encoder {spec!r}")  # one line naming the hf extra when absent
         self.model = self._load_model(target).to(device).eval()
         self._setup_preprocessing(target)
 

@@ -12,6 +12,18 @@ with :func:`csm.calibration.metrics.compute_all_probs`, which clamps before the 
 calibrators expose their parameters as attributes (``temperature``, ``clip``, ``sigma``...) and as a
 JSON-able :meth:`Calibrator.params` for the evaluation record.
 
+Calibrated logits, as torch-uncertainty's scalers return them (``TemperatureScaler`` and
+friends are ``nn.Module`` s whose ``forward`` gives logits): :meth:`Calibrator.logits` is the
+calibrator's own logit map where it has one (``z / T`` for ``ts``, ``w * z + b`` for ``vs``, the
+head on clipped features for ``fc``, ``z`` for ``none`` and ``alien``) and the log of the
+calibrated probabilities otherwise (``hist``, ``isotonic``, ``cc``; zeros become
+``log(float64 tiny)`` ~ -708 so the logits stay finite); either way
+``softmax(cal.logits(z)) == cal(z)``. :meth:`Calibrator.as_module` wraps a fitted calibrator, and
+optionally the model in front of it, as an ``nn.Module`` (:class:`CalibratedModule`)::
+
+    scaled = CALIBRATORS["ts"]().fit(val_logits, val_labels).as_module(model)
+    logits = scaled(images)                 # == model(images) / T
+
 Registry :data:`CALIBRATORS`:
 
 * ``none``: plain softmax (the uncalibrated baseline).
@@ -43,6 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CALIBRATORS",
     "AlienHead",
+    "CalibratedModule",
     "Calibrator",
     "ConsistencyCalibration",
     "FeatureClipping",
@@ -58,6 +71,12 @@ Tensorish = torch.Tensor | np.ndarray
 
 def _nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, labels)
+
+
+def _ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Top-label ECE (equal-width bins) of probabilities, for model selection on validation."""
+    conf, pred = probs.max(1)
+    return float(binned_errors(*binned_sums(conf, pred == labels, n_bins))["cal/ECE"])
 
 
 def _lbfgs(params: list[torch.Tensor], closure: Callable[[], torch.Tensor], iters: int) -> None:
@@ -90,13 +109,24 @@ class Calibrator:
     """Base class: validation, the fitted check and the protocol shared by all calibrators.
 
     Subclasses implement ``_fit(z, y, features, head)`` and ``_apply(z, features) -> probs``.
+
+    Guard (every calibrator with ``guarded = True``, i.e. all but ``none`` and ``alien``): a
+    validation split with no misclassified row, or with fewer than ``min_val_samples`` rows,
+    cannot identify a calibration map (temperature scaling's NLL keeps falling as T -> 0,
+    histogram binning and isotonic regression learn "always right", consistency calibration
+    picks the noise that makes every row one-hot). ``fit`` then logs a warning naming the
+    reason, records it in :attr:`fallback` and the calibrator returns the plain softmax
+    (identity), instead of a map that makes every test error certain.
     """
 
     name: str = ""
     needs_features: bool = False
+    guarded: bool = True
+    min_val_samples: int = 5
 
     def __init__(self) -> None:
         self.num_classes: int | None = None
+        self.fallback: str | None = None
 
     # ---------------------------------------------------------------- protocol
     def fit(
@@ -123,12 +153,65 @@ class Calibrator:
         z, y = validate_logits(val_logits, val_labels, name="val_logits", labels_name="val_labels")
         feats = self._features(val_features, z.shape[0], "val_features")
         self.num_classes = z.shape[1]
+        self.fallback = self._unidentifiable(z, y) if self.guarded else None
+        if self.fallback is not None:
+            logger.warning(
+                "calibrator %r: %s, so the calibration map is not identifiable; using the plain "
+                "softmax (identity)",
+                self.name,
+                self.fallback,
+            )
+            self._fit_identity()
+            return self
         with torch.enable_grad():
             self._fit(z.detach().double(), y, feats, head)
         return self
 
+    def _unidentifiable(self, z: torch.Tensor, y: torch.Tensor) -> str | None:
+        """Why the validation split cannot identify a map (None when it can)."""
+        if z.shape[0] < self.min_val_samples:
+            return f"the validation split has {z.shape[0]} rows (< {self.min_val_samples})"
+        if bool((z.argmax(dim=1) == y).all()):
+            return "every validation prediction is correct"
+        return None
+
+    def _fit_identity(self) -> None:
+        """Set the fitted parameters to the identity map (called by the guard)."""
+
     def __call__(self, logits: Tensorish, features: Tensorish | None = None) -> torch.Tensor:
         """Calibrated probabilities (N, K), float32, rows summing to 1."""
+        z, feats = self._inputs(logits, features)
+        if self.fallback is not None:
+            return torch.softmax(z, dim=1).float().contiguous()
+        with torch.no_grad():
+            return self._apply(z, feats).float().contiguous()
+
+    def logits(self, logits: Tensorish, features: Tensorish | None = None) -> torch.Tensor:
+        """Calibrated logits (N, K), float32: ``softmax(cal.logits(z)) == cal(z)``.
+
+        The calibrator's own logit map (``z / T``, ``w * z + b``, ...) where it has one, else
+        ``log`` of the calibrated probabilities, clamped at the smallest float64 so they stay
+        finite (see the module docstring).
+        """
+        z, feats = self._inputs(logits, features)
+        if self.fallback is not None:
+            return z.float().contiguous()
+        with torch.no_grad():
+            return self._logits(z, feats).float().contiguous()
+
+    def as_module(self, model: nn.Module | None = None) -> CalibratedModule:
+        """This fitted calibrator as an ``nn.Module`` returning calibrated logits.
+
+        Args:
+            model: Optional classifier in front of it: ``forward(x)`` is then
+                ``self.logits(model(x))`` (torch-uncertainty's ``TemperatureScaler(model)``).
+        """
+        return CalibratedModule(self, model)
+
+    def _inputs(
+        self, logits: Tensorish, features: Tensorish | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validated float64 logits and features of a fitted calibrator."""
         if self.num_classes is None:
             raise CSMError(
                 f"calibrator {self.name!r}: not fitted; call fit(val_logits, val_labels) first"
@@ -139,9 +222,13 @@ class Calibrator:
                 f"logits: {z.shape[1]} classes but calibrator {self.name!r} was fitted on "
                 f"{self.num_classes}; apply it to the model it was fitted for"
             )
-        feats = self._features(features, z.shape[0], "features")
-        with torch.no_grad():
-            return self._apply(z.double(), feats).float().contiguous()
+        if self.fallback is not None:
+            return z.double(), None
+        return z.double(), self._features(features, z.shape[0], "features")
+
+    def _logits(self, z: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Calibrated logits; default: log of the probabilities, zeros clamped to float64 tiny."""
+        return self._apply(z, features).clamp(min=torch.finfo(torch.float64).tiny).log()
 
     def params(self) -> dict:
         """The fitted parameters as a JSON-able dict."""
@@ -177,6 +264,7 @@ class Identity(Calibrator):
     """Plain softmax: the uncalibrated baseline."""
 
     name = "none"
+    guarded = False
 
     def _fit(self, z, y, features, head) -> None:
         return None
@@ -184,27 +272,42 @@ class Identity(Calibrator):
     def _apply(self, z, features) -> torch.Tensor:
         return torch.softmax(z, dim=1)
 
+    def _logits(self, z, features) -> torch.Tensor:
+        return z
+
 
 class TemperatureScaling(Calibrator):
-    """softmax(z / T) with T minimising validation NLL (Guo et al., ICML 2017).
+    """softmax(z / T) with T fitted on the validation split (Guo et al., ICML 2017).
 
-    Optimises ``log T`` (so T stays positive) with L-BFGS (strong Wolfe line search), in float64,
-    and clamps T to ``[min_temperature, max_temperature]``.
+    ``criterion="nll"`` (default): T minimises validation NLL, optimised as ``log T`` (so T stays
+    positive) with L-BFGS (strong Wolfe line search) in float64, as Guo et al. and their
+    reference ``gpleiss/temperature_scaling`` (``temperature_scaling.py``, which uses L-BFGS on
+    NLL). ``criterion="ece"``: T is the point of ``grid`` (default 100 log-spaced values over
+    [0.1, 10]) with the lowest validation ECE (15 equal-width bins), the criterion of the CSM
+    paper's tables (issue 13's reading of E-Galois/CSM; the grid's spacing could not be
+    verified there); ties go to the T closest to 1.
 
-    When every validation prediction is correct the NLL keeps falling as T -> 0, so T is not
-    identifiable from that split: the fit then keeps T = 1 (no change) and logs a warning, rather
-    than returning a near-zero T that makes every test error infinitely confident.
+    T is limited to ``[min_temperature, max_temperature]`` (default [1e-3, 1e3], wide enough
+    not to bind on a trained network); when the fit lands on a bound a warning names it, never
+    silently. Error-free or tiny validation splits fall back to T = 1 (see :class:`Calibrator`).
 
     Args:
-        max_iter: L-BFGS iterations.
+        max_iter: L-BFGS iterations (``nll``).
         min_temperature: Lower bound of T.
         max_temperature: Upper bound of T.
+        criterion: ``"nll"`` or ``"ece"``.
+        grid: candidate temperatures for ``ece`` (default ``geomspace(0.1, 10, 100)``).
     """
 
     name = "ts"
 
     def __init__(
-        self, max_iter: int = 200, min_temperature: float = 0.05, max_temperature: float = 100.0
+        self,
+        max_iter: int = 200,
+        min_temperature: float = 1e-3,
+        max_temperature: float = 1e3,
+        criterion: str = "nll",
+        grid: list[float] | None = None,
     ) -> None:
         super().__init__()
         if not 0 < min_temperature <= 1 <= max_temperature:
@@ -212,30 +315,54 @@ class TemperatureScaling(Calibrator):
                 f"temperature bounds [{min_temperature}, {max_temperature}]: need "
                 "0 < min <= 1 <= max"
             )
+        if criterion not in ("nll", "ece"):
+            raise CSMError(f"criterion={criterion!r}: unknown; use nll or ece")
         self.max_iter = max_iter
         self.min_temperature = min_temperature
         self.max_temperature = max_temperature
+        self.criterion = criterion
+        self.grid = list(np.geomspace(0.1, 10.0, 100)) if grid is None else list(grid)
+        if not self.grid or min(self.grid) <= 0:
+            raise CSMError("grid: temperatures must be a non-empty list of positive numbers")
         self.temperature: float | None = None
 
+    def _fit_identity(self) -> None:
+        self.temperature = 1.0
+
     def _fit(self, z, y, features, head) -> None:
-        if bool((z.argmax(dim=1) == y).all()):
+        if self.criterion == "ece":
+            eces = [_ece(torch.softmax(z / t, dim=1), y) for t in self.grid]
+            best = min(range(len(self.grid)), key=lambda i: (eces[i], abs(math.log(self.grid[i]))))
+            t = float(self.grid[best])
+        else:
+            log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+            _lbfgs([log_t], lambda: _nll(z / log_t.exp(), y), self.max_iter)
+            t = float(log_t.detach().exp())
+        clamped = min(max(t, self.min_temperature), self.max_temperature)
+        if clamped != t or clamped in (self.min_temperature, self.max_temperature):
             logger.warning(
-                "temperature scaling: every validation prediction is correct, so T is not "
-                "identifiable (NLL falls as T -> 0); keeping T = 1"
+                "temperature scaling: fitted T = %.4g sits on the bound [%g, %g]; T = %.4g. "
+                "Widen min_temperature / max_temperature if the model needs it",
+                t,
+                self.min_temperature,
+                self.max_temperature,
+                clamped,
             )
-            self.temperature = 1.0
-            return
-        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        _lbfgs([log_t], lambda: _nll(z / log_t.exp(), y), self.max_iter)
-        t = float(log_t.detach().exp())
-        self.temperature = min(max(t, self.min_temperature), self.max_temperature)
-        logger.info("temperature scaling: T = %.4f", self.temperature)
+        self.temperature = clamped
+        logger.info("temperature scaling (%s): T = %.4f", self.criterion, self.temperature)
 
     def _apply(self, z, features) -> torch.Tensor:
-        return torch.softmax(z / self.temperature, dim=1)
+        return torch.softmax(self._logits(z, features), dim=1)
+
+    def _logits(self, z, features) -> torch.Tensor:
+        return z / self.temperature
 
     def params(self) -> dict:
-        return {"temperature": self.temperature}
+        return {
+            "temperature": self.temperature,
+            "criterion": self.criterion,
+            **({"fallback": self.fallback} if self.fallback is not None else {}),
+        }
 
 
 class VectorScaling(Calibrator):
@@ -270,9 +397,14 @@ class VectorScaling(Calibrator):
         self.w, self.b = w.detach(), b.detach()
 
     def _apply(self, z, features) -> torch.Tensor:
-        return torch.softmax(z * self.w + self.b, dim=1)
+        return torch.softmax(self._logits(z, features), dim=1)
+
+    def _logits(self, z, features) -> torch.Tensor:
+        return z * self.w + self.b
 
     def params(self) -> dict:
+        if self.fallback is not None:
+            return {"fallback": self.fallback}
         return {"w": self.w.tolist(), "b": self.b.tolist()}
 
 
@@ -314,6 +446,8 @@ class HistogramBinning(Calibrator):
         return _renormalise(q, p)
 
     def params(self) -> dict:
+        if self.fallback is not None:
+            return {"fallback": self.fallback}
         return {"n_bins": self.n_bins, "table": self.table.tolist()}
 
 
@@ -348,6 +482,8 @@ class IsotonicCalibration(Calibrator):
         return _renormalise(torch.from_numpy(np.ascontiguousarray(q)).double(), p)
 
     def params(self) -> dict:
+        if self.fallback is not None:
+            return {"fallback": self.fallback}
         return {
             "thresholds_x": [m.X_thresholds_.tolist() for m in self.models],
             "thresholds_y": [m.y_thresholds_.tolist() for m in self.models],
@@ -379,27 +515,49 @@ class FeatureClipping(Calibrator):
     """Feature clipping (Tao et al., "Feature Clipping for Uncertainty Calibration", 2024).
 
     Penultimate features are clamped to ``[-c, c]`` and passed through the head again. ``c`` is
-    chosen on the validation split from ``grid`` (log-spaced 0.01..20 plus "no clipping") as the
-    value with the lowest NLL among those keeping accuracy >= ``min_acc_ratio`` x the unclipped
-    accuracy. The logits passed to ``__call__`` are only checked for shape: the output is computed
-    from the features.
+    chosen on the validation split from ``grid`` (log-spaced 0.01..20) plus "no clipping".
+    ``criterion="ece"`` (default) takes the value with the lowest validation ECE (15 equal-width
+    bins) with no accuracy constraint, as the reference code does (issue 13's reading of the
+    Feature Clipping repository; see ``docs/fidelity.md``); ``criterion="nll"`` takes the lowest
+    validation NLL among the values keeping accuracy >= ``min_acc_ratio`` x the unclipped
+    accuracy (our earlier default). Ties keep the larger c (less clipping). The logits passed to
+    ``__call__`` are only checked for shape: the output is computed from the features.
 
     Args:
         grid: candidate clip values (default ``geomspace(0.01, 20, 64)``).
-        min_acc_ratio: accuracy constraint relative to the unclipped model.
+        min_acc_ratio: accuracy constraint relative to the unclipped model (default: 0 for
+            ``ece``, i.e. none; 0.99 for ``nll``).
+        criterion: ``"ece"`` or ``"nll"``.
     """
 
     name = "fc"
     needs_features = True
 
-    def __init__(self, grid: list[float] | None = None, min_acc_ratio: float = 0.99) -> None:
+    def __init__(
+        self,
+        grid: list[float] | None = None,
+        min_acc_ratio: float | None = None,
+        criterion: str = "ece",
+    ) -> None:
         super().__init__()
         self.grid = list(np.geomspace(0.01, 20.0, 64)) if grid is None else list(grid)
         if not self.grid or min(self.grid) <= 0:
             raise CSMError("grid: clip values must be a non-empty list of positive numbers")
-        self.min_acc_ratio = min_acc_ratio
+        if criterion not in ("ece", "nll"):
+            raise CSMError(f"criterion={criterion!r}: unknown; use ece or nll")
+        self.criterion = criterion
+        default_ratio = 0.0 if criterion == "ece" else 0.99
+        self.min_acc_ratio = default_ratio if min_acc_ratio is None else float(min_acc_ratio)
         self.clip: float | None = None
         self._head: Callable | None = None
+
+    def _score(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        if self.criterion == "ece":
+            return _ece(torch.softmax(logits, dim=1), y)
+        return float(_nll(logits, y))
+
+    def _fit_identity(self) -> None:
+        self.clip = math.inf
 
     def _fit(self, z, y, features, head) -> None:
         run = _as_head(head)
@@ -410,22 +568,27 @@ class FeatureClipping(Calibrator):
                 f"{tuple(z.shape)}; pass the head of the model that produced the logits"
             )
         base_acc = float((base.argmax(1) == y).double().mean())
-        best = (float(_nll(base, y)), math.inf)
-        for c in self.grid:
+        best = (self._score(base, y), math.inf)
+        for c in sorted(self.grid, reverse=True):
             out = run(features.clamp(-c, c))
             acc = float((out.argmax(1) == y).double().mean())
             if acc >= self.min_acc_ratio * base_acc:
-                loss = float(_nll(out, y))
-                if loss < best[0]:
-                    best = (loss, float(c))
+                score = self._score(out, y)
+                if score < best[0]:
+                    best = (score, float(c))
         self.clip = best[1]
         self._head = run
-        logger.info("feature clipping: c = %s (val NLL %.4f)", self.clip, best[0])
+        logger.info("feature clipping: c = %s (val %s %.4f)", self.clip, self.criterion, best[0])
 
     def _apply(self, z, features) -> torch.Tensor:
-        return torch.softmax(self._head(features.clamp(-self.clip, self.clip)), dim=1)
+        return torch.softmax(self._logits(z, features), dim=1)
+
+    def _logits(self, z, features) -> torch.Tensor:
+        return self._head(features.clamp(-self.clip, self.clip))
 
     def params(self) -> dict:
+        if self.fallback is not None:
+            return {"fallback": self.fallback}
         return {"clip": self.clip}
 
 
@@ -512,6 +675,8 @@ class ConsistencyCalibration(Calibrator):
         return self._perturbed(z, [self.sigma])[0]
 
     def params(self) -> dict:
+        if self.fallback is not None:
+            return {"fallback": self.fallback}
         return {
             "sigma": self.sigma,
             "num_samples": self.num_samples,
@@ -549,6 +714,7 @@ class AlienHead(Calibrator):
 
     name = "alien"
     needs_features = True
+    guarded = False  # leaves the probabilities unchanged; its head handles error-free splits
 
     def __init__(
         self,
@@ -613,6 +779,9 @@ class AlienHead(Calibrator):
     def _apply(self, z, features) -> torch.Tensor:
         return torch.softmax(z, dim=1)
 
+    def _logits(self, z, features) -> torch.Tensor:
+        return z
+
     def uncertainty(self, logits: Tensorish, features: Tensorish) -> torch.Tensor:
         """Uncertainty ``u`` per sample (higher = more likely wrong), float64 (N,)."""
         if self.g is None:
@@ -630,6 +799,44 @@ class AlienHead(Calibrator):
             "reg": self.reg,
             "seed": self.seed,
         }
+
+
+class CalibratedModule(nn.Module):
+    """A fitted :class:`Calibrator` as an ``nn.Module`` whose ``forward`` returns logits.
+
+    Like torch-uncertainty's scalers (``TemperatureScaler`` etc., which are ``nn.Module`` s
+    returning scaled logits), it can stand in for a classifier: wrap the model
+    (``cal.as_module(model)``) and ``forward(x)`` gives the calibrated logits of ``model(x)``;
+    without a model ``forward(logits)`` maps logits. The calibration map is frozen (fitted on
+    validation, no gradient flows through it); outputs keep the input's device and dtype.
+
+    Args:
+        calibrator: A fitted calibrator.
+        model: Optional classifier in front of it (``features=`` is then not accepted: a
+            calibrator that needs features is given logits and features directly).
+    """
+
+    def __init__(self, calibrator: Calibrator, model: nn.Module | None = None) -> None:
+        super().__init__()
+        if calibrator.num_classes is None:
+            raise CSMError(
+                f"calibrator {calibrator.name!r}: not fitted; call fit(val_logits, val_labels) "
+                "before as_module()"
+            )
+        if model is not None and calibrator.needs_features:
+            raise CSMError(
+                f"calibrator {calibrator.name!r} needs penultimate features; use as_module() "
+                "without a model and call it with (logits, features)"
+            )
+        self.calibrator = calibrator
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Calibrated logits of ``inputs`` (logits, or the model's inputs when wrapping one)."""
+        z = self.model(inputs) if self.model is not None else inputs
+        feats = None if features is None else features.detach().cpu()
+        out = self.calibrator.logits(z.detach().cpu(), feats)
+        return out.to(device=z.device, dtype=z.dtype if z.is_floating_point() else out.dtype)
 
 
 CALIBRATORS: dict[str, type[Calibrator]] = {

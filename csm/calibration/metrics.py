@@ -38,15 +38,26 @@ Conventions (stated once, used everywhere):
   ``p_a``; the mean over pairs. Classes absent from ``labels`` are skipped.
 * **OOD AUROC** (``ood/AUROC``): in-distribution samples are positives, OOD negatives, score is the
   maximum softmax probability (Hendrycks & Gimpel 2017), ties averaged.
+* **AUGRC** (``sc/AUGRC``, Traub et al. 2024) as torch-uncertainty: trapezoid over coverages
+  ``i/N`` of the generalized risk (errors among the ``i`` most confident) / N, divided by
+  ``1 - 1/N``. **Cov@5Risk**: the largest ``i/N`` whose selective risk is <= 5% (0.0 if none;
+  torch-uncertainty gives NaN).
+* **KDE-ECE** (``cal/KDE-ECE``, Zhang, Kailkhura & Han 2020): their ``ece_kde_binary`` (triweight
+  KDE, KDEpy's FFTKDE discretisation); checked against the reference code run with KDEpy 1.1.12
+  (agreement ~1e-13, a one-off check outside the suite). **MMCE** (``cal/MMCE``, Kumar et al.
+  2018): ``sqrt`` of the double sum with a Laplacian kernel of width 0.4, exact in O(N).
+* **OOD AUPR / FPR95** follow torch-uncertainty: OOD positive, score ``-MSP``; AUPR is
+  scikit-learn's average precision, FPR95 the FPR at the first threshold of ``roc_curve``
+  (``drop_intermediate=False``) whose TPR reaches 0.95.
+* Aliases: torch-uncertainty's ``cal/aECE`` and ``sc/Risk@80Cov`` (:data:`METRIC_ALIASES`).
 
 Undefined values (an AUROC with only one kind of sample, OvO with fewer than two classes) are NaN,
 logged as a warning, never an exception.
 
-Cost: everything except ``cls/OvO-AUROC`` is a few passes over the (N, K) matrix (one chunked,
-cache-friendly row pass) plus one sort of the N confidences. The exact OvO AUROC needs, for every
-class column, the rank of every sample among that class's samples: O(N K log(N/K)) comparisons,
-which dominates on large K (about 10x the rest at 1,000,000 x 100). ``compute_all(...,
-exclude={"cls/OvO-AUROC"})`` skips it.
+Cost: a few chunked passes over the (N, K) matrix plus one sort of the N confidences, and for
+``cls/OvO-AUROC`` one integer sort of every class column (O(K N log N); ~2.9 s of the suite at
+1,000,000 x 100 on one thread, see bench/RESULTS.md). ``compute_all(...,
+exclude={"cls/OvO-AUROC"})`` skips it. :class:`MetricStream` computes the same in pieces.
 
 References:
     Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (ECE, MCE).
@@ -58,6 +69,13 @@ References:
     Gupta et al., "Calibration of Neural Networks using Splines", ICLR 2021 (KS error).
     Geifman et al., "Bias-Reduced Uncertainty Estimation for Deep Neural Classifiers", ICLR 2019
     (AURC, E-AURC).
+    Traub et al., "Overcoming Common Flaws in the Evaluation of Selective Classification
+    Systems", NeurIPS 2024 (AUGRC); torch-uncertainty's risk_coverage.py (AUGRC, Cov@xRisk).
+    Zhang, Kailkhura & Han, "Mix-n-Match: Ensemble and Compositional Methods for Uncertainty
+    Calibration in Deep Learning", ICML 2020 (KDE-ECE;
+    github.com/zhang64-llnl/Mix-n-Match-Calibration).
+    Kumar, Sarawagi & Jain, "Trainable Calibration Measures for Neural Networks from Kernel Mean
+    Embeddings", ICML 2018 (MMCE).
     Hand & Till, "A Simple Generalisation of the Area Under the ROC Curve for Multiple Class
     Classification Problems", Machine Learning 2001 (OvO AUROC).
     Hendrycks & Gimpel, "A Baseline for Detecting Misclassified and Out-of-Distribution Examples
@@ -79,14 +97,22 @@ from csm.errors import CSMError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "METRIC_ALIASES",
     "METRIC_INFO",
     "METRIC_NAMES",
+    "MetricStream",
+    "canonical_metric",
+    "kde_ece",
+    "mmce",
+    "ood_metrics",
     "MetricInfo",
     "higher_is_better",
     "ReliabilityBins",
     "accuracy",
     "adaptive_ece",
+    "augrc",
     "aurc",
+    "coverage_at_5_risk",
     "bin_indices",
     "binned_errors",
     "binned_sums",
@@ -134,32 +160,45 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "cal/UE": MetricInfo("UE", False, True),
     "cal/smECE": MetricInfo("smECE", False, True),
     "cal/KS": MetricInfo("KS", False, True),
+    "cal/KDE-ECE": MetricInfo("KDE-ECE", False, True),
+    "cal/MMCE": MetricInfo("MMCE", False, True),
     "sc/AUROC": MetricInfo("mis-AUROC", True, True),
     "sc/AURC": MetricInfo("AURC", False, True),
     "sc/E-AURC": MetricInfo("E-AURC", False, True),
     "sc/Risk@80": MetricInfo("Risk@80", False, True),
+    "sc/AUGRC": MetricInfo("AUGRC", False, True),
+    "sc/Cov@5Risk": MetricInfo("Cov@5Risk", True, True),
     "cls/OvO-AUROC": MetricInfo("OvO-AUROC", True, True),
     "ood/AUROC": MetricInfo("OOD-AUROC", True, True),
+    "ood/AUPR": MetricInfo("OOD-AUPR", True, True),
+    "ood/FPR95": MetricInfo("FPR95", False, True),
 }
 """The one table of metrics: every key :func:`compute_all` returns, in report order, with its
 direction (used by model selection and the leaderboard alike) and presentation."""
 
 METRIC_NAMES: tuple[str, ...] = tuple(METRIC_INFO)
-"""Every key :func:`compute_all` returns (``ood/AUROC`` only when OOD logits are given)."""
+"""Every key :func:`compute_all` returns (the ``ood/`` ones only when OOD logits are given)."""
+
+METRIC_ALIASES: dict[str, str] = {
+    "cal/aECE": "cal/AdaECE",
+    "sc/Risk@80Cov": "sc/Risk@80",
+}
+"""torch-uncertainty's names for metrics we name differently (its ``cal/ECE``, ``cls/NLL``,
+``cls/Brier``, ``sc/AURC``, ``sc/AUGRC``, ``sc/Cov@5Risk``, ``ood/AUROC``, ``ood/AUPR`` and
+``ood/FPR95`` are ours too); accepted wherever a metric is named (:func:`canonical_metric`)."""
 
 
 def higher_is_better(metric: str) -> bool:
-    """Whether larger values of ``metric`` (a :data:`METRIC_NAMES` key) are better.
+    """Whether larger values of ``metric`` (a :data:`METRIC_NAMES` key or alias) are better.
 
     Raises:
         CSMError: ``metric`` is not a known metric.
     """
-    if metric not in METRIC_INFO:
-        raise CSMError(f"metric {metric!r}: unknown; use one of {', '.join(METRIC_INFO)}")
-    return METRIC_INFO[metric].higher_is_better
+    return METRIC_INFO[canonical_metric(metric)].higher_is_better
 
 
 _NLL_FLOOR = 1e-12
+_COV_RISK = 0.05
 _PROB_TOL = 1e-3
 _CHUNK_ELEMS = 1 << 22
 _ROW_CHUNK_ELEMS = 1 << 18
@@ -463,32 +502,70 @@ class _SmoothECE:
 # --------------------------------------------------------------------------------------------
 # one-vs-one AUROC
 # --------------------------------------------------------------------------------------------
-def _ovo_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    k = probs.shape[1]
-    counts = torch.bincount(labels, minlength=k)
-    present = torch.nonzero(counts).flatten().tolist()
+def _sorted_column(col: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and value keys of one probability column in ascending order of the value.
+
+    float32 columns (probabilities >= 0, no -0.0) sort as one int64 key ``bits << 32 | label``:
+    the bit pattern of a non-negative float orders like the float, and numpy's integer sort is
+    several times faster than an argsort. Other dtypes use a stable argsort.
+    """
+    if col.dtype == np.float32:
+        s = np.sort((col.view(np.int32).astype(np.int64) << 32) | y)
+        return s & 0xFFFFFFFF, s >> 32
+    order = np.argsort(col, kind="stable")
+    return y[order], col[order]
+
+
+def _column_wins(col: np.ndarray, y: np.ndarray, a: int, k: int) -> np.ndarray:
+    """``w[b] = sum over class-b samples i of (#class-a samples j with p_ja < p_ia, + 1/2 per
+    tie)``, for one column ``a`` of the probabilities: one sort of the column, one cumulative
+    count of class a along it, one weighted bincount by label. Ties between a class-a sample and
+    another sample are then corrected group by group (only groups that hold both)."""
+    lab, vals = _sorted_column(col, y)
+    is_a = lab == a
+    cum = np.cumsum(is_a, dtype=np.int64)  # class-a samples at or before each sorted position
+    wins = np.bincount(lab, weights=cum, minlength=k)
+    q = np.flatnonzero(is_a)
+    if q.size == 0 or q.size == lab.size:
+        return wins
+    vq = vals[q]
+    tied = (vals[np.maximum(q - 1, 0)] == vq) & (q > 0)
+    tied |= (vals[np.minimum(q + 1, lab.size - 1)] == vq) & (q < lab.size - 1)
+    if not bool(tied.any()):
+        return wins
+    tv = np.unique(vq[tied])
+    lo, hi = np.searchsorted(vals, tv, "left"), np.searchsorted(vals, tv, "right")
+    before = np.where(lo > 0, cum[np.maximum(lo - 1, 0)], 0)
+    a_in = cum[hi - 1] - before
+    keep = (hi - lo) > a_in  # the group also holds samples of other classes
+    lo, hi, before, a_in = lo[keep], hi[keep], before[keep], a_in[keep]
+    lens = hi - lo
+    idx = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens - lo, lens)
+    # a non-a sample in a tie group got (class-a before the group) + (class-a ahead of it in
+    # the group); the averaged rank wants (class-a before the group) + half of the group's a's
+    corr = np.repeat(0.5 * a_in + before, lens) - cum[idx]
+    other = lab[idx] != a
+    return wins + np.bincount(lab[idx][other], weights=corr[other], minlength=k)
+
+
+def _ovo_auroc(probs_t: torch.Tensor, labels: torch.Tensor) -> float:
+    """Hand & Till's OvO AUROC from class-major probabilities ``(K, N)``: for every class
+    column a, ``AUC(a|b) = 1 - w[a, b] / (n_a n_b)`` with ``w`` from :func:`_column_wins`
+    (Mann-Whitney with averaged ties), so the cost is one sort per column, O(K N log N)."""
+    k = probs_t.shape[0]
+    y = labels.numpy().astype(np.int64)
+    counts = np.bincount(y, minlength=k).astype(np.float64)
+    present = np.flatnonzero(counts)
     if len(present) < 2:
         return _nan("cls/OvO-AUROC", f"{len(present)} class present in labels")
-    order = torch.argsort(labels, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    u = torch.zeros(k, k, dtype=torch.float64)  # u[j, m] = P(p_j of class j > p_j of class m)
-    for j in present:
-        col = probs[:, j].contiguous()
-        own = torch.sort(col[order[starts[j] : starts[j] + counts[j]]]).values
-        # class-j samples strictly above each sample's p_j, plus half of those tied with it
-        right = torch.searchsorted(own, col, right=True)
-        wins = (int(counts[j]) - right).double()
-        tied = (right > 0) & (own[(right - 1).clamp(min=0)] == col)
-        if bool(tied.any()):
-            left = torch.searchsorted(own, col[tied], right=False)
-            wins[tied] += (right[tied] - left).double() / 2
-        u[j] = torch.zeros(k, dtype=torch.float64).index_add_(0, labels, wins)
-    idx = torch.tensor(present)
-    n = counts.double()
-    auc = u[idx][:, idx] / (n[idx, None] * n[None, idx])
+    w = np.zeros((k, k))
+    for a in present.tolist():
+        w[a] = _column_wins(probs_t[a].numpy(), y, a, k)
+    n = counts[present]
+    auc = 1 - w[np.ix_(present, present)] / (n[:, None] * n[None, :])
     pair = (auc + auc.T) / 2
-    iu = torch.triu_indices(len(present), len(present), offset=1)
-    return float(pair[iu[0], iu[1]].mean())
+    iu = np.triu_indices(len(present), k=1)
+    return float(pair[iu].mean())
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,7 +653,7 @@ class _ClasswiseSums:
         self.upper = torch.zeros(k * n_bins, dtype=torch.float64)
 
     def add(self, blk: torch.Tensor) -> None:
-        self.total += (torch.ones(1, blk.shape[0], dtype=blk.dtype) @ blk)[0].double()
+        self.total += blk.sum(0, dtype=torch.float64)  # float64: independent of chunking
         if self.n_bins == 1:
             return
         flat = blk.reshape(-1)
@@ -586,11 +663,15 @@ class _ClasswiseSums:
         self.upper += torch.bincount(key, weights=vals.double(), minlength=self.upper.numel())
 
     def value(self, py: torch.Tensor, y: torch.Tensor) -> float:
-        sums = self.upper.view(self.k, self.n_bins).clone()
-        sums[:, 0] = self.total - sums[:, 1:].sum(1)
         key = y * self.n_bins + bin_indices(py, self.n_bins)
         hits = torch.bincount(key, minlength=self.k * self.n_bins).double()
-        return float((hits - sums.flatten()).abs().sum() / (y.numel() * self.k))
+        return self.value_from_hits(hits, y.numel())
+
+    def value_from_hits(self, hits: torch.Tensor, n: int) -> float:
+        """Classwise ECE from the per-(class, bin) counts of ``y == k`` (``k * n_bins + b``)."""
+        sums = self.upper.view(self.k, self.n_bins).clone()
+        sums[:, 0] = self.total - sums[:, 1:].sum(1)
+        return float((hits - sums.flatten()).abs().sum() / (n * self.k))
 
 
 def _classwise_ece(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> float:
@@ -645,16 +726,26 @@ def _selective(correct_desc: torch.Tensor) -> dict[str, float]:
     n = correct_desc.numel()
     err = torch.cumsum(1 - correct_desc.double(), 0)
     i = torch.arange(1, n + 1, dtype=torch.float64)
-    aurc_v = float((err / i).mean())
+    risk = err / i
+    aurc_v = float(risk.mean())
     n_wrong = float(err[-1])
     n_correct = n - n_wrong
     opt = float(((i - n_correct).clamp(min=0) / i).mean())
     keep = max(1, math.ceil(0.8 * n - 1e-9))
-    return {
+    ok = torch.nonzero(risk <= _COV_RISK).flatten()
+    out = {
         "sc/AURC": aurc_v,
         "sc/E-AURC": aurc_v - opt,
         "sc/Risk@80": float(err[keep - 1] / keep),
+        # 0.0 when no coverage reaches the risk (reject everything); torch-uncertainty: NaN
+        "sc/Cov@5Risk": float(ok[-1] + 1) / n if ok.numel() else 0.0,
     }
+    if n < 2:
+        out["sc/AUGRC"] = _nan("sc/AUGRC", "fewer than 2 samples")
+    else:  # torch-uncertainty: trapezoid over coverages 1/N..1, normalised by (1 - 1/N)
+        g = err / n
+        out["sc/AUGRC"] = float((g.sum() - (g[0] + g[-1]) / 2) / n / (1 - 1 / n))
+    return out
 
 
 def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -684,10 +775,29 @@ def risk_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: float 
     return float(1 - correct[order[:keep]].double().mean())
 
 
+def augrc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the generalized risk-coverage curve (Traub et al. 2024), as torch-uncertainty:
+    trapezoid over coverages i/N of (errors among the i most confident) / N, over (1 - 1/N)."""
+    p, y = validate_probs(probs, labels)
+    conf, correct = _top_label(p, y)
+    order = torch.sort(conf, descending=True, stable=True).indices
+    return _selective(correct[order])["sc/AUGRC"]
+
+
+def coverage_at_5_risk(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Largest coverage i/N whose selective risk (error rate of the i most confident) is <= 5%
+    (torch-uncertainty's ``CovAt5Risk``); 0.0 (reject everything) when no coverage reaches it,
+    where torch-uncertainty returns NaN (a NaN would make result rows compare unequal)."""
+    p, y = validate_probs(probs, labels)
+    conf, correct = _top_label(p, y)
+    order = torch.sort(conf, descending=True, stable=True).indices
+    return _selective(correct[order])["sc/Cov@5Risk"]
+
+
 def selective_metrics(
     confidence: torch.Tensor | np.ndarray, correct: torch.Tensor | np.ndarray
 ) -> dict[str, float]:
-    """``sc/AUROC``, ``sc/AURC``, ``sc/E-AURC`` and ``sc/Risk@80`` for any confidence score.
+    """Every ``sc/`` metric (AUROC, AURC, E-AURC, Risk@80, AUGRC, Cov@5Risk) for any score.
 
     Use it for scores other than the max probability, e.g. ``-u`` of an uncertainty head
     (:class:`csm.calibration.calibrators.AlienHead`). Same conventions as :func:`compute_all`.
@@ -714,22 +824,148 @@ def selective_metrics(
 def ovo_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """One-vs-one macro AUROC (Hand & Till 2001), as sklearn's ``multi_class="ovo"``."""
     p, y = validate_probs(probs, labels)
-    return _ovo_auroc(p, y)
+    return _ovo_auroc((p.t() + 0.0).contiguous(), y)  # + 0.0 turns -0.0 into 0.0
 
 
 def ood_auroc(probs_in: torch.Tensor, probs_out: torch.Tensor) -> float:
     """AUROC of the max-softmax probability separating in-distribution (positive) from OOD."""
     p_in, _ = validate_probs(probs_in, name="probs_in")
     p_out, _ = validate_probs(probs_out, name="ood_probs")
-    return _ood(p_in.max(dim=1).values, p_out.max(dim=1).values)
+    return ood_metrics(p_in, p_out)["ood/AUROC"]
 
 
-def _ood(c_in: torch.Tensor, c_out: torch.Tensor) -> float:
+def ood_metrics(probs_in: torch.Tensor, probs_out: torch.Tensor) -> dict[str, float]:
+    """``ood/AUROC``, ``ood/AUPR`` and ``ood/FPR95`` of the max-softmax probability (Hendrycks &
+    Gimpel 2017); see the module conventions for which side is positive."""
+    p_in, _ = validate_probs(probs_in, name="probs_in")
+    p_out, _ = validate_probs(probs_out, name="ood_probs")
+    return _ood_metrics(p_in.max(dim=1).values, p_out.max(dim=1).values)
+
+
+# --------------------------------------------------------------------------------------------
+# KDE-ECE (Zhang, Kailkhura & Han 2020) and MMCE (Kumar et al. 2018)
+# --------------------------------------------------------------------------------------------
+_KDE_GRID_POINTS = 2**14
+
+
+def _triweight_kde(data: torch.Tensor, bw: float, grid: torch.Tensor) -> torch.Tensor:
+    """KDEpy's ``FFTKDE(bw, kernel="triweight").fit(data).evaluate(grid)`` on an equidistant
+    grid: the data are linearly binned onto the grid (weights summing to 1), then convolved
+    ("same") with the kernel sampled at the grid offsets. KDEpy scales kernels to unit variance,
+    so the triweight ``35/32 (1 - t^2)^3`` (variance 1/9) has support radius ``3 bw``."""
+    n = grid.numel()
+    dx = float(grid[1] - grid[0])
+    pos = (data - grid[0]) / dx
+    lo = pos.floor().long().clamp(0, n - 2)
+    frac = pos - lo
+    w = torch.zeros(n, dtype=torch.float64).index_add_(0, lo, 1 - frac)
+    w.index_add_(0, lo + 1, frac)
+    w /= data.numel()
+    radius = 3.0 * bw
+    half = min(int(math.floor(radius / dx)), n - 1)
+    t = torch.arange(-half, half + 1, dtype=torch.float64) * dx / radius
+    ker = 35 / 32 * (1 - t**2).clamp(min=0) ** 3 / radius
+    size = 1 << (n + ker.numel() - 2).bit_length()
+    full = torch.fft.irfft(torch.fft.rfft(w, size) * torch.fft.rfft(ker, size), size)
+    return full[half : half + n]
+
+
+def _kde_ece(conf: torch.Tensor, correct: torch.Tensor) -> float:
+    """KDE-based top-label ECE (order 1), step by step as the reference ``ece_kde_binary``.
+
+    Bandwidth ``std(conf of correct predictions) * (2N)^-0.2``; both densities (of the correct
+    predictions' confidences and of all confidences) are estimated on 2^14 points of
+    [-0.6, 1.6] from the data mirrored about 0 (values < 0.5) and 1 (values >= 0.5), zeroed
+    outside (0, 1) and doubled. Accuracy at c is ``min(acc * f_1(c) / f(c), 1)`` where either
+    density exceeds 1e-6 (elsewhere the integrand repeats its previous value, as in the
+    reference); KDE-ECE = trapz(|c - acc(c)| f(c)) / trapz(f(c)) over the grid points in [0, 1].
+    """
+    c = conf.double()
+    ok = correct.bool()
+    n = c.numel()
+    c1 = c[ok]
+    if c1.numel() < 2 or float(c1.std(correction=0)) == 0:
+        return _nan("cal/KDE-ECE", "fewer than two distinct confidences of correct predictions")
+    bw = float(c1.std(correction=0)) * (2 * n) ** -0.2
+    grid = torch.linspace(-0.6, 1.6, _KDE_GRID_POINTS, dtype=torch.float64)
+    inside = (grid > 0) & (grid < 1)
+
+    def density(d: torch.Tensor) -> torch.Tensor:
+        mirrored = torch.cat([-d[d < 0.5], d, 2 - d[d >= 0.5]])
+        return torch.where(inside, 2 * _triweight_kde(mirrored, bw, grid), 0.0)
+
+    pp1, pp2 = density(c1), density(c)
+    acc = float(ok.double().mean())
+    valid = torch.maximum(pp1, pp2) > 1e-6
+    rel = torch.clamp(acc * pp1 / pp2, max=1.0)  # pp2 == 0 < pp1 gives inf -> 1, as np.min
+    vals = torch.where(valid, (grid - rel).abs() * pp2, 0.0)
+    last = torch.cummax(torch.where(valid, torch.arange(grid.numel()), 0), 0).values
+    integral = vals[last]  # invalid points repeat the last valid value (0 before any)
+    ind = (grid >= 0) & (grid <= 1)
+    den = torch.trapezoid(pp2[ind], grid[ind])
+    return float(torch.trapezoid(integral[ind], grid[ind]) / den)
+
+
+def _mmce(conf_asc: torch.Tensor, correct_asc: torch.Tensor, width: float = 0.4) -> float:
+    """MMCE = sqrt((1/N^2) sum_ij (a_i - c_i)(a_j - c_j) exp(-|c_i - c_j| / width)) exactly in
+    O(N) on ascending confidences: for c_i <= c_j the kernel factorises into
+    ``exp(c_i / w) exp(-c_j / w)``, so the double sum is a prefix sum."""
+    c = conf_asc.double()
+    r = correct_asc.double() - c
+    up = r * torch.exp(c / width)
+    prefix = torch.cumsum(up, 0) - up  # sum over i < j
+    total = float((r * r).sum() + 2 * (r * torch.exp(-c / width) * prefix).sum())
+    return math.sqrt(max(total, 0.0)) / c.numel()
+
+
+def kde_ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """KDE-based ECE of the top-label confidence (Zhang, Kailkhura & Han 2020); see
+    :func:`_kde_ece` for the estimator (the reference ``util_evaluation.ece_kde_binary`` of
+    github.com/zhang64-llnl/Mix-n-Match-Calibration, built on KDEpy's ``FFTKDE``)."""
+    p, y = validate_probs(probs, labels)
+    return _kde_ece(*_top_label(p, y))
+
+
+def mmce(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """MMCE of the top-label confidence (Kumar, Sarawagi & Jain 2018), Laplacian kernel of
+    width 0.4 as their reference code and :class:`csm.training.losses.MMCELoss`."""
+    p, y = validate_probs(probs, labels)
+    conf, correct = _top_label(p, y)
+    s, order = torch.sort(conf, stable=True)
+    return _mmce(s, correct[order])
+
+
+# --------------------------------------------------------------------------------------------
+# OOD detection: AUROC, AUPR, FPR95 from one sort of the max-softmax scores
+# --------------------------------------------------------------------------------------------
+def _ood_metrics(c_in: torch.Tensor, c_out: torch.Tensor) -> dict[str, float]:
+    """``ood/AUROC`` (in-distribution positive, score MSP), and, as torch-uncertainty's OOD
+    metrics (OOD positive, score ``-MSP``), ``ood/AUPR`` (average precision, scikit-learn's
+    ``average_precision_score``) and ``ood/FPR95`` (the false-positive rate at the first
+    threshold whose true-positive rate reaches 0.95, on scikit-learn's ``roc_curve``)."""
     scores = torch.cat([c_in.double(), c_out.double()])
-    positive = torch.cat(
+    is_in = torch.cat(
         [torch.ones_like(c_in, dtype=torch.bool), torch.zeros_like(c_out, dtype=torch.bool)]
     )
-    return _auroc(scores, positive, "ood/AUROC")
+    s_desc, order = torch.sort(scores, descending=True, stable=True)
+    pos_in = is_in[order]
+    out = {"ood/AUROC": _auroc_sorted_desc(s_desc, pos_in, "ood/AUROC")}
+    if c_out.numel() == 0 or c_in.numel() == 0:
+        out["ood/AUPR"] = out["ood/FPR95"] = out["ood/AUROC"]  # NaN, already logged
+        return out
+    ood_asc = (~pos_in).flip(0).double()  # OOD first = descending -MSP
+    _, counts = torch.unique_consecutive(s_desc.flip(0), return_counts=True)
+    ends = torch.cumsum(counts, 0) - 1
+    tp = torch.cumsum(ood_asc, 0)[ends]
+    fp = (ends + 1).double() - tp
+    recall = tp / tp[-1]
+    precision = tp / (tp + fp)
+    out["ood/AUPR"] = float(
+        (torch.diff(recall, prepend=torch.zeros(1, dtype=torch.float64)) * precision).sum()
+    )
+    first = int(torch.searchsorted(recall, torch.tensor([0.95], dtype=torch.float64))[0])
+    out["ood/FPR95"] = float(fp[first] / fp[-1])
+    return out
 
 
 @dataclass
@@ -778,110 +1014,233 @@ def reliability_bins(
 
 
 # --------------------------------------------------------------------------------------------
-# everything at once
+# everything at once, or streamed
 # --------------------------------------------------------------------------------------------
-@dataclass
-class _RowStats:
-    probs: torch.Tensor | None  # (N, K), kept only when a later metric needs every column
-    conf: torch.Tensor
-    correct: torch.Tensor
-    nll: float
-    brier: float
-    classwise: float | None
+_ROW_METRICS = ("cls/Acc", "cls/NLL", "cls/Brier")
 
 
-def _row_pass(
-    x: torch.Tensor, y: torch.Tensor, n_bins: int, *, logits: bool, keep: bool, classwise: bool
-) -> _RowStats:
-    """One chunked pass over the rows: softmax (for logits), top label, NLL, Brier, classwise
-    sums. Chunks of ~256K values stay in cache, so the several reductions cost about one read
-    of the matrix instead of one each."""
-    n, k = x.shape
-    rows = max(1, _ROW_CHUNK_ELEMS // k)
-    probs = torch.empty_like(x) if (logits and keep) else (x if keep else None)
-    conf = torch.empty(n, dtype=x.dtype)
-    pred = torch.empty(n, dtype=torch.long)
-    nll_sum = sq_sum = py_sum = 0.0
-    cw = _ClasswiseSums(k, n_bins, x.dtype) if classwise else None
-    py_all = torch.empty(n, dtype=x.dtype)
-    for s in range(0, n, rows):
-        xb, yb = x[s : s + rows], y[s : s + rows]
-        pb = torch.softmax(xb, dim=1) if logits else xb
-        if logits and keep:
-            probs[s : s + rows] = pb
-        cb, predb = pb.max(dim=1)
-        conf[s : s + rows], pred[s : s + rows] = cb, predb
-        pyb = pb.gather(1, yb[:, None]).squeeze(1)
-        py_all[s : s + rows] = pyb
-        if logits:
-            # logsumexp(z) = z_k - log p_k for any k; k = argmax keeps p_k >= 1/K (no underflow)
-            lse = xb.gather(1, predb[:, None]).squeeze(1).double() - torch.log(cb.double())
-            nll_sum += float((lse - xb.gather(1, yb[:, None]).squeeze(1).double()).sum())
+class MetricStream:
+    """Every :func:`compute_all` metric over an evaluation set seen in pieces.
+
+    ``update(scores, labels)`` with batches (logits, or probabilities with ``from_probs=True``),
+    ``update_ood(scores)`` with batches of an OOD set, ``merge(other)`` to combine the streams of
+    several processes (in rank order), ``compute()`` for the result. ``compute_all`` is one
+    ``update`` and one ``compute``, so the two agree: on the same samples in the same order the
+    result equals the one-shot one, exactly for every metric that ranks or bins the samples, up
+    to float summation order (about 1e-12 relative; classwise ECE's float32 column totals about
+    1e-9 absolute) for the sums behind NLL, Brier and classwise ECE.
+
+    What is kept, and how memory scales with N samples of K classes:
+
+    * exact sufficient statistics, O(K * n_bins), independent of N: NLL, Brier, accuracy (sums)
+      and classwise ECE (per class and bin: probability sums and hit counts);
+    * the top-label confidence and correctness of every sample, 5 bytes per sample (4 for
+      float64 input): ECE/MCE/OE/UE, AdaECE, smECE, KS, KDE-ECE, MMCE and every ``sc/`` metric
+      need a sort or a kernel over all confidences (the binned ones alone would need only bin
+      sums, but the suite sorts anyway); the OOD metrics keep the OOD set's confidences (4 bytes
+      per OOD sample);
+    * ``cls/OvO-AUROC`` needs every probability (it ranks every class column): 4 bytes per
+      entry plus 8 per label, O(N K); ``exclude={"cls/OvO-AUROC"}`` drops it and its memory.
+
+    Across processes: gather the streams (``accelerate.utils.gather_object([stream])``; every
+    field is a tensor or a float, so it pickles) and merge them in rank order.
+
+    Args:
+        num_classes: K, the number of prediction columns.
+        n_bins: bins for the binned metrics (see the module conventions).
+        exclude: metric names (or aliases) to leave out; ``cls/OvO-AUROC``, ``cal/smECE``,
+            ``cal/ClasswiseECE``, ``cal/KDE-ECE`` and ``cal/MMCE`` are then not computed.
+        from_probs: the scores passed to :meth:`update` are probabilities, not logits.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        n_bins: int = 15,
+        exclude: Collection[str] = (),
+        from_probs: bool = False,
+    ) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise CSMError(f"num_classes: {num_classes!r}; give the number of classes (>= 2)")
+        self.k, self.n_bins = num_classes, _check_n_bins(n_bins)
+        self.exclude, self.from_probs = _check_exclude(exclude), from_probs
+        self.n = 0
+        self.nll_sum = self.sq_sum = self.py_sum = 0.0
+        want_cw = "cal/ClasswiseECE" not in self.exclude
+        self.classwise = _ClasswiseSums(self.k, self.n_bins, torch.float32) if want_cw else None
+        self.hits = torch.zeros(self.k * self.n_bins, dtype=torch.float64)
+        self.want_ovo = "cls/OvO-AUROC" not in self.exclude
+        self.conf: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+        self.probs_t: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.ood_conf: list[torch.Tensor] = []
+
+    @property
+    def name(self) -> str:
+        return "probs" if self.from_probs else "logits"
+
+    def _validate(self, scores, labels, name: str):
+        if self.from_probs:
+            x, y = validate_probs(scores, labels, name=name)
         else:
-            nll_sum += float(-torch.log(pyb.double().clamp(min=_NLL_FLOOR)).sum())
-        sq_sum += float(torch.einsum("ij,ij->i", pb, pb).double().sum())
-        py_sum += float(pyb.double().sum())
-        if cw is not None:
-            cw.add(pb)
-    return _RowStats(
-        probs=probs,
-        conf=conf,
-        correct=pred == y,
-        nll=nll_sum / n,
-        brier=(sq_sum - 2 * py_sum) / n + 1,
-        classwise=None if cw is None else cw.value(py_all, y),
-    )
+            x, y = validate_logits(scores, labels, name=name)
+        if x.shape[1] != self.k:
+            raise CSMError(
+                f"{name}: {x.shape[1]} columns but the stream has {self.k} classes; score every "
+                "set with the same model"
+            )
+        return x, y
+
+    def update(self, scores: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
+        """Adds a batch: ``scores`` (B, K) logits (or probabilities), ``labels`` (B,)."""
+        x, y = self._validate(scores, labels, self.name)
+        with torch.no_grad():
+            self._row_pass(x, y)
+
+    def update_ood(self, scores: torch.Tensor | np.ndarray) -> None:
+        """Adds a batch of an OOD set (no labels): ``ood/AUROC``, ``ood/AUPR``, ``ood/FPR95``."""
+        x, _ = self._validate(scores, None, "ood_" + self.name)
+        with torch.no_grad():
+            p = x if self.from_probs else torch.softmax(x, dim=1)
+            self.ood_conf.append(p.max(dim=1).values)
+
+    def _row_pass(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One chunked pass over the rows: softmax (for logits), top label, NLL, Brier, classwise
+        sums, class-major probabilities for OvO. Chunks of ~256K values stay in cache, so the
+        several reductions cost about one read of the matrix instead of one each."""
+        n, k = x.shape
+        rows = max(1, _ROW_CHUNK_ELEMS // k)
+        logits = not self.from_probs
+        probs_t = torch.empty(k, n, dtype=x.dtype) if self.want_ovo else None
+        conf = torch.empty(n, dtype=x.dtype)
+        pred = torch.empty(n, dtype=torch.long)
+        cw = self.classwise
+        if cw is not None and cw.edges.dtype != x.dtype:
+            cw.edges = cw.edges.to(x.dtype)
+        for s in range(0, n, rows):
+            xb, yb = x[s : s + rows], y[s : s + rows]
+            pb = torch.softmax(xb, dim=1) if logits else xb
+            if probs_t is not None:
+                probs_t[:, s : s + rows] = pb.t() if logits else pb.t() + 0.0  # no -0.0
+            cb, predb = pb.max(dim=1)
+            conf[s : s + rows], pred[s : s + rows] = cb, predb
+            pyb = pb.gather(1, yb[:, None]).squeeze(1)
+            if logits:
+                # logsumexp(z) = z_k - log p_k for any k; k = argmax keeps p_k >= 1/K
+                lse = xb.gather(1, predb[:, None]).squeeze(1).double() - torch.log(cb.double())
+                self.nll_sum += float((lse - xb.gather(1, yb[:, None]).squeeze(1).double()).sum())
+            else:
+                self.nll_sum += float(-torch.log(pyb.double().clamp(min=_NLL_FLOOR)).sum())
+            self.sq_sum += float(torch.einsum("ij,ij->i", pb, pb).double().sum())
+            self.py_sum += float(pyb.double().sum())
+            if cw is not None:
+                cw.add(pb)
+                key = yb * self.n_bins + bin_indices(pyb, self.n_bins)
+                self.hits += torch.bincount(key, minlength=self.hits.numel()).double()
+        self.n += n
+        self.conf.append(conf)
+        self.correct.append(pred == y)
+        if probs_t is not None:
+            self.probs_t.append(probs_t)
+            self.labels.append(y)
+
+    def merge(self, other: MetricStream) -> MetricStream:
+        """Appends ``other``'s samples after this stream's (in place); returns ``self``."""
+        same = (self.k, self.n_bins, self.exclude, self.from_probs)
+        if same != (other.k, other.n_bins, other.exclude, other.from_probs):
+            raise CSMError(
+                "merge: the streams differ in classes, n_bins, exclude or from_probs; create "
+                "every process's stream with the same arguments"
+            )
+        self.n += other.n
+        self.nll_sum += other.nll_sum
+        self.sq_sum += other.sq_sum
+        self.py_sum += other.py_sum
+        if self.classwise is not None and other.classwise is not None:
+            self.classwise.total += other.classwise.total
+            self.classwise.upper += other.classwise.upper
+        self.hits += other.hits
+        for mine, theirs in (
+            (self.conf, other.conf),
+            (self.correct, other.correct),
+            (self.probs_t, other.probs_t),
+            (self.labels, other.labels),
+            (self.ood_conf, other.ood_conf),
+        ):
+            mine.extend(theirs)
+        return self
+
+    def compute(self) -> dict[str, float]:
+        """Every metric, as Python floats (fractions); see :func:`compute_all`."""
+        if self.n == 0:
+            raise CSMError("MetricStream: no samples; call update(scores, labels) first")
+        with torch.no_grad():
+            return self._compute()
+
+    def _compute(self) -> dict[str, float]:
+        skip, n_bins = self.exclude, self.n_bins
+        conf, correct = _cat(self.conf), _cat(self.correct)
+        out: dict[str, float] = {
+            "cls/Acc": float(correct.double().mean()),
+            "cls/NLL": self.nll_sum / self.n,
+            "cls/Brier": (self.sq_sum - 2 * self.py_sum) / self.n + 1,
+        }
+        binned = binned_errors(*binned_sums(conf, correct, n_bins))
+        s_desc, order = torch.sort(conf, descending=True, stable=True)
+        c_desc = correct[order]
+        out["cal/ECE"] = binned["cal/ECE"]
+        out["cal/AdaECE"] = _adaptive_ece(s_desc.flip(0), c_desc.flip(0), n_bins)
+        if self.classwise is not None:
+            out["cal/ClasswiseECE"] = self.classwise.value_from_hits(self.hits, self.n)
+        for key in ("cal/MCE", "cal/OE", "cal/UE"):
+            out[key] = binned[key]
+        if "cal/smECE" not in skip:
+            out["cal/smECE"] = _SmoothECE(conf, correct).fixed_point()
+        out["cal/KS"] = _ks(s_desc, c_desc)
+        if "cal/KDE-ECE" not in skip:
+            out["cal/KDE-ECE"] = _kde_ece(conf, correct)
+        if "cal/MMCE" not in skip:
+            out["cal/MMCE"] = _mmce(s_desc.flip(0), c_desc.flip(0))
+        out["sc/AUROC"] = _auroc_sorted_desc(s_desc, c_desc, "sc/AUROC")
+        out.update(_selective(c_desc))
+        if self.want_ovo:
+            out["cls/OvO-AUROC"] = _ovo_auroc(_cat(self.probs_t, dim=1), _cat(self.labels))
+        if self.ood_conf:
+            out.update(_ood_metrics(conf, _cat(self.ood_conf)))
+        return {key: out[key] for key in METRIC_INFO if key in out and key not in skip}
 
 
-def _suite(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    n_bins: int,
-    ood_conf: torch.Tensor | None,
-    exclude: frozenset[str],
-    *,
-    logits: bool,
-) -> dict[str, float]:
-    want_ovo = "cls/OvO-AUROC" not in exclude
-    rs = _row_pass(
-        x, y, n_bins, logits=logits, keep=want_ovo, classwise="cal/ClasswiseECE" not in exclude
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def canonical_metric(name: str) -> str:
+    """The :data:`METRIC_NAMES` key of ``name``, which may be a torch-uncertainty alias
+    (:data:`METRIC_ALIASES`, e.g. ``cal/aECE`` -> ``cal/AdaECE``).
+
+    Raises:
+        CSMError: ``name`` is neither a metric nor an alias.
+    """
+    if name in METRIC_INFO:
+        return name
+    if name in METRIC_ALIASES:
+        return METRIC_ALIASES[name]
+    raise CSMError(
+        f"metric {name!r}: unknown; use one of {', '.join(METRIC_INFO)} "
+        f"(or the aliases {', '.join(METRIC_ALIASES)})"
     )
-    conf, correct = rs.conf, rs.correct
-    out: dict[str, float] = {
-        "cls/Acc": float(correct.double().mean()),
-        "cls/NLL": rs.nll,
-        "cls/Brier": rs.brier,
-    }
-    binned = binned_errors(*binned_sums(conf, correct, n_bins))
-    s_desc, order = torch.sort(conf, descending=True, stable=True)
-    c_desc = correct[order]
-    out["cal/ECE"] = binned["cal/ECE"]
-    out["cal/AdaECE"] = _adaptive_ece(s_desc.flip(0), c_desc.flip(0), n_bins)
-    if rs.classwise is not None:
-        out["cal/ClasswiseECE"] = rs.classwise
-    out["cal/MCE"] = binned["cal/MCE"]
-    out["cal/OE"] = binned["cal/OE"]
-    out["cal/UE"] = binned["cal/UE"]
-    if "cal/smECE" not in exclude:
-        out["cal/smECE"] = _SmoothECE(conf, correct).fixed_point()
-    out["cal/KS"] = _ks(s_desc, c_desc)
-    out["sc/AUROC"] = _auroc_sorted_desc(s_desc, c_desc, "sc/AUROC")
-    out.update(_selective(c_desc))
-    if want_ovo:
-        out["cls/OvO-AUROC"] = _ovo_auroc(rs.probs, y)
-    if ood_conf is not None:
-        out["ood/AUROC"] = _ood(conf, ood_conf)
-    return {key: val for key, val in out.items() if key not in exclude}
 
 
 def _check_exclude(exclude) -> frozenset[str]:
-    names = frozenset([exclude] if isinstance(exclude, str) else exclude)
-    unknown = sorted(names - set(METRIC_NAMES))
+    names = [exclude] if isinstance(exclude, str) else list(exclude)
+    unknown = sorted(n for n in names if n not in METRIC_INFO and n not in METRIC_ALIASES)
     if unknown:
         raise CSMError(
             f"exclude: unknown metric name(s) {unknown}; choose from {', '.join(METRIC_NAMES)}"
         )
-    return names
+    return frozenset(canonical_metric(n) for n in names)
 
 
 def compute_all(
@@ -895,34 +1254,42 @@ def compute_all(
     """Every metric of :data:`METRIC_NAMES` from logits, with one softmax.
 
     Args:
-        logits: (N, K) logits of the whole evaluation set (concatenated, not per batch).
+        logits: (N, K) logits of the whole evaluation set (concatenated, not per batch; use
+            :class:`MetricStream` for sets that arrive in pieces or do not fit one process).
         labels: (N,) int class indices.
         n_bins: bins for ECE, MCE, OE, UE, classwise ECE and AdaECE.
-        ood_logits: optional (M, K) logits of an OOD set; adds ``ood/AUROC``.
-        exclude: metric names to leave out. ``cls/OvO-AUROC`` is by far the most expensive
-            (a search of every class column, O(N K log(N/K))); excluding it, ``cal/smECE`` or
-            ``cal/ClasswiseECE`` skips their computation.
+        ood_logits: optional (M, K) logits of an OOD set; adds ``ood/AUROC``, ``ood/AUPR`` and
+            ``ood/FPR95``.
+        exclude: metric names (or torch-uncertainty aliases) to leave out. ``cls/OvO-AUROC``
+            is the most expensive (one sort per class column, O(K N log N)); excluding it,
+            ``cal/smECE``, ``cal/ClasswiseECE``, ``cal/KDE-ECE`` or ``cal/MMCE`` skips their
+            computation.
 
     Returns:
-        ``{name: value}`` as Python floats, fractions (not %).
+        ``{name: value}`` as Python floats, fractions (not %), in :data:`METRIC_INFO` order.
 
     Raises:
         CSMError: invalid logits/labels (see :func:`validate_logits`).
     """
+    return _one_shot(logits, labels, n_bins, ood_logits, exclude, from_probs=False)
+
+
+def _one_shot(scores, labels, n_bins, ood, exclude, *, from_probs: bool) -> dict[str, float]:
     n_bins = _check_n_bins(n_bins)
     skip = _check_exclude(exclude)
-    z, y = validate_logits(logits, labels)
-    ood_conf = None
-    if ood_logits is not None:
-        zo, _ = validate_logits(ood_logits, name="ood_logits")
-        if zo.shape[1] != z.shape[1]:
+    name = "probs" if from_probs else "logits"
+    x, y = validate_probs(scores, labels) if from_probs else validate_logits(scores, labels)
+    stream = MetricStream(x.shape[1], n_bins=n_bins, exclude=skip, from_probs=from_probs)
+    if ood is not None:
+        xo = torch.as_tensor(ood)
+        if xo.dim() == 2 and xo.shape[1] != x.shape[1]:
             raise CSMError(
-                f"ood_logits: {zo.shape[1]} columns but logits have {z.shape[1]}; score the OOD "
+                f"ood_{name}: {xo.shape[1]} columns but {name} have {x.shape[1]}; score the OOD "
                 "set with the same model"
             )
-        ood_conf = torch.softmax(zo, dim=1).max(dim=1).values
-    with torch.no_grad():
-        return _suite(z, y, n_bins, ood_conf, skip, logits=True)
+        stream.update_ood(ood)
+    stream.update(x, y)
+    return stream.compute()
 
 
 def compute_all_probs(
@@ -937,17 +1304,4 @@ def compute_all_probs(
 
     NLL clamps ``p_y`` at 1e-12 because calibrators such as histogram binning output exact zeros.
     """
-    n_bins = _check_n_bins(n_bins)
-    skip = _check_exclude(exclude)
-    p, y = validate_probs(probs, labels)
-    ood_conf = None
-    if ood_probs is not None:
-        po, _ = validate_probs(ood_probs, name="ood_probs")
-        if po.shape[1] != p.shape[1]:
-            raise CSMError(
-                f"ood_probs: {po.shape[1]} columns but probs have {p.shape[1]}; score the OOD set "
-                "with the same model"
-            )
-        ood_conf = po.max(dim=1).values
-    with torch.no_grad():
-        return _suite(p, y, n_bins, ood_conf, skip, logits=False)
+    return _one_shot(probs, labels, n_bins, ood_probs, exclude, from_probs=True)

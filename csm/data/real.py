@@ -195,16 +195,64 @@ def _is_imagefolder(path: Path) -> bool:
     return False
 
 
+def _check_class_folders(path: Path, spec: str) -> None:
+    """An imagefolder needs two class folders (``datasets`` drops the label column otherwise)."""
+    subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    splits = {"train", "test", "validation", "val"}
+    if set(subdirs) <= splits:  # train/<class>/..., test/<class>/...
+        subdirs = (
+            sorted({c.name for s in subdirs for c in (path / s).iterdir() if c.is_dir()}) or subdirs
+        )
+    if len(subdirs) < 2:
+        raise CSMError(
+            f"dataset {spec!r}: an imagefolder with one class folder ({', '.join(subdirs)}); a "
+            "classifier needs at least two, one folder per class (class_name/image.png)"
+        )
+
+
+def _undecodable(ds, column: str, spec: str, exc: Exception) -> CSMError:
+    """A one-line error naming the first image of ``column`` that cannot be decoded."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    raw = ds.cast_column(column, datasets.Image(decode=False))[column]
+    for i, item in enumerate(raw):
+        try:
+            data = item.get("bytes") or Path(item["path"]).read_bytes()
+            Image.open(io.BytesIO(data)).load()
+        except Exception:  # noqa: BLE001 - PIL raises many types for bad files
+            where = item.get("path") or f"row {i}"
+            return CSMError(
+                f"dataset {spec!r}: image {where} cannot be decoded; remove or replace that file"
+            )
+    return CSMError(
+        f"dataset {spec!r}: its images cannot be decoded ({type(exc).__name__}); check the files"
+    )
+
+
 def _open_hf(spec: str):
     """Open a spec with ``datasets``: a save_to_disk folder, an imagefolder or a Hub id."""
     import datasets
 
-    path = Path(spec)
+    path = Path(spec).expanduser()
+    if path.exists() and not path.is_dir():
+        raise CSMError(
+            f"dataset {spec!r}: is a file, not a dataset; pass a dataset folder (save_to_disk or "
+            f"imagefolder), one of {', '.join(EMBEDDED)} or a Hugging Face dataset id"
+        )
+    if not path.exists() and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):
+        raise CSMError(
+            f"dataset {spec!r}: no such folder; check the path (or give one of "
+            f"{', '.join(EMBEDDED)} or a Hugging Face dataset id)"
+        )
     try:
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 return datasets.load_from_disk(str(path))
             if _is_imagefolder(path) and not any(path.glob("*.parquet")):
+                _check_class_folders(path, spec)
                 return datasets.load_dataset("imagefolder", data_dir=str(path))
             return datasets.load_dataset(str(path))
         if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
@@ -260,7 +308,12 @@ def _decode_images(ds, column: str, spec: str, image_size: int | None) -> torch.
     """Decode an Image column into one uint8 (N, C, H, W) tensor."""
     from PIL import Image
 
-    pil = ds[column] if len(ds) else []
+    try:
+        pil = ds[column] if len(ds) else []
+        for im in pil:
+            im.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        raise _undecodable(ds, column, spec, exc) from None
     modes = {im.mode for im in pil}
     gray = modes <= {"L", "1", "I", "I;16", "F"}
     sizes = {im.size for im in pil}

@@ -133,7 +133,9 @@ class OutputCache:
                 save_file(
                     {k: v.contiguous() for k, v in tensors.items()},
                     str(tmp),
-                    metadata={k: str(v) for k, v in key.items()},
+                    # one entry: safetensors keeps metadata in a hash map whose order varies
+                    # between processes, so several keys would make the bytes differ run to run
+                    metadata={"key": json.dumps(key, sort_keys=True, default=str)},
                 )
         except OSError as exc:  # e.g. a read-only run directory: evaluate without caching
             logger.warning("cannot cache outputs in %s (%s); continuing uncached", self.dir, exc)

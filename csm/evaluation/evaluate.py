@@ -70,7 +70,7 @@ from csm.evaluation.leaderboard import (
 )
 from csm.evaluation.outputs import RunInfo, load_run_info, run_outputs
 from csm.evaluation.scoring import score_run
-from csm.utils import atomic_write_text, distributed_state
+from csm.utils import atomic_write_text, check_output, claim_output, distributed_state
 
 __all__ = ["EvaluateConfig", "evaluate", "evaluate_runs", "split_names"]
 
@@ -110,6 +110,9 @@ class EvaluateConfig:
         default=True, metadata={"help": "reuse cached outputs and scores in RUN/eval_cache"}
     )
     plots: bool = field(default=True, metadata={"help": "write reliability and risk plots"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace the results of an earlier csm evaluate in --out"}
+    )
 
 
 def split_names(names: Iterable[str]) -> list[str]:
@@ -162,7 +165,9 @@ def _identity(run: RunInfo) -> dict[str, Any]:
     }
 
 
-def evaluate_runs(cfg: EvaluateConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def evaluate_runs(
+    cfg: EvaluateConfig, check_out_dir: bool = False
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Compute every metric for every run x calibrator x condition (no files written but the
     cache).
 
@@ -183,14 +188,17 @@ def evaluate_runs(cfg: EvaluateConfig) -> tuple[list[dict[str, Any]], dict[str, 
     from csm.calibration.calibrators import CALIBRATORS
 
     runs = _load_runs(cfg)
+    if check_out_dir:  # after the runs load, before any compute
+        check_out(cfg)
     cal_names = _selected(cfg.calibrators, [c for c in CALIBRATORS if c != "none"], "calibrators")
     corruptions = _selected(cfg.corruptions, CORRUPTIONS, "corruptions")
+    data_cache: dict = {}
+    _open_ood(cfg, runs, data_cache)  # a bad --ood fails here, before RUN/eval_cache is written
     group_label = group_labeler([_identity(r) for r in runs])
     rows: list[dict[str, Any]] = []
     pooled: dict[str, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = defaultdict(
         lambda: defaultdict(list)
     )
-    data_cache: dict = {}
     for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
         outs = run_outputs(run, cfg, corruptions, data_cache)
         skey = {
@@ -215,6 +223,70 @@ def evaluate_runs(cfg: EvaluateConfig) -> tuple[list[dict[str, Any]], dict[str, 
     return rows, pooled
 
 
+def _open_ood(cfg: EvaluateConfig, runs: list[RunInfo], data_cache: dict) -> None:
+    """Open the ``--ood`` dataset (not ``heldout``) before any inference or cache write.
+
+    It is loaded at the first run's image size into ``data_cache`` under the key the OOD
+    outputs look up (``(spec, size)``), so a valid spec is loaded once and a bad one fails with
+    one line before anything is computed or written.
+    """
+    if not cfg.ood or cfg.ood == "heldout":
+        return
+    from csm.data.real import load_real
+
+    size = runs[0].config.image_size
+    if (cfg.ood, size) not in data_cache:
+        data_cache[(cfg.ood, size)] = load_real(cfg.ood, image_size=size)
+
+
+def _claim_on_main(cfg: EvaluateConfig, state: Any) -> None:
+    """Claim ``--out`` on the main process; a refusal there reaches (and stops) every process."""
+    error = None
+    if state.is_main_process:
+        try:
+            claim_output(cfg.out, "evaluation", overwrite=cfg.overwrite)
+        except CSMError as exc:
+            error = str(exc)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise CSMError(error)
+
+
+def check_evaluate_options(cfg: EvaluateConfig) -> None:
+    """Validate the options that do not need the runs (names, bins, severities); no I/O."""
+    from csm.calibration.calibrators import CALIBRATORS
+
+    if cfg.n_bins < 1:
+        raise CSMError(f"--n-bins {cfg.n_bins}: must be a positive number of bins, e.g. 15")
+    bad = [s for s in cfg.severities if s not in SEVERITIES]
+    if bad:
+        raise CSMError(f"--severities {bad}: unknown; choose from {list(SEVERITIES)}")
+    _selected(cfg.calibrators, [c for c in CALIBRATORS if c != "none"], "calibrators")
+    _selected(cfg.corruptions, CORRUPTIONS, "corruptions")
+    if cfg.batch_size < 1:
+        raise CSMError(f"--batch-size {cfg.batch_size}: must be >= 1")
+
+
+def check_out(cfg: EvaluateConfig) -> None:
+    """Refuse an ``--out`` that is a file, holds another command's output (a run: evaluating
+    into it would replace its ``config.yaml``) or earlier results without ``--overwrite``."""
+    out = Path(cfg.out)
+    for run in cfg.runs:
+        if Path(run).resolve() == out.resolve():
+            raise CSMError(
+                f"--out {out}: is the run directory {run}; write the evaluation to another folder"
+            )
+    owned = check_output(out, "evaluation", overwrite=cfg.overwrite)
+    if owned and not cfg.overwrite:
+        raise CSMError(
+            f"--out {out}: already holds evaluation results; pass --overwrite to replace them or "
+            "choose another --out"
+        )
+
+
 def evaluate(cfg: EvaluateConfig, *, save_cfg: bool = True) -> str:
     """Run ``csm evaluate``: score every run and write results, leaderboard and plots.
 
@@ -233,8 +305,11 @@ def evaluate(cfg: EvaluateConfig, *, save_cfg: bool = True) -> str:
     from accelerate.utils import gather_object
 
     state = distributed_state()
-    rows, pooled = evaluate_runs(cfg)
+    # csm benchmark (save_cfg=False) writes into its own folder and checks it itself
+    rows, pooled = evaluate_runs(cfg, check_out_dir=save_cfg)
     ranks = gather_object([state.process_index]) if state.num_processes > 1 else [0]
+    if save_cfg:
+        _claim_on_main(cfg, state)
     if not state.is_main_process:
         state.wait_for_everyone()
         return ""

@@ -53,6 +53,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,17 +63,27 @@ from accelerate.utils import broadcast_object_list
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from csm.config import config_to_dict, save_config
 from csm.data.real import RealData, load_real
 from csm.errors import CSMError
+from csm.generation.card import export_pipeline_files
 from csm.generation.pipeline import CSMMixingPipeline, build_unet
-from csm.utils import atomic_path, atomic_write_text, distributed_state, process_rows
+from csm.utils import (
+    atomic_path,
+    atomic_write_text,
+    check_output,
+    claim_output,
+    distributed_state,
+    process_rows,
+)
 
 logger = logging.getLogger(__name__)
 
 LOG_NAME = "training_log.csv"
+EMA_NAME = "ema.safetensors"
 
 __all__ = ["PRESETS", "FitDiffusionConfig", "Preset", "fit_diffusion", "image_grid"]
 
@@ -190,8 +201,24 @@ def _validate(cfg: FitDiffusionConfig, r: dict) -> None:
         raise CSMError(f"--steps {r['steps']}: must be >= 1")
     if r["batch_size"] < 1:
         raise CSMError(f"--batch-size {r['batch_size']}: must be >= 1")
+    for flag, value in (
+        ("--lr", r["lr"]),
+        ("--weight-decay", cfg.weight_decay),
+        ("--grad-clip", cfg.grad_clip),
+        ("--grid-guidance", cfg.grid_guidance),
+    ):
+        if not math.isfinite(value):
+            raise CSMError(f"{flag} {value}: not a finite number; give a finite value")
     if not r["lr"] > 0:
         raise CSMError(f"--lr {r['lr']}: must be > 0")
+    if cfg.weight_decay < 0 or cfg.grad_clip < 0:
+        raise CSMError(
+            f"--weight-decay {cfg.weight_decay} / --grad-clip {cfg.grad_clip}: must be >= 0"
+        )
+    if cfg.grid_per_class < 1 or cfg.grid_steps < 1:
+        raise CSMError(
+            f"--grid-per-class {cfg.grid_per_class} / --grid-steps {cfg.grid_steps}: must be >= 1"
+        )
     if not 0.0 <= cfg.label_dropout < 1.0:
         raise CSMError(f"--label-dropout {cfg.label_dropout}: must be in [0, 1), e.g. 0.1")
     if not 0.0 <= r["ema_decay"] < 1.0:
@@ -202,6 +229,7 @@ def _validate(cfg: FitDiffusionConfig, r: dict) -> None:
         raise CSMError(f"--mixed-precision {cfg.mixed_precision!r}: choose auto, no, bf16 or fp16")
     if cfg.resume and cfg.overwrite:
         raise CSMError("--resume and --overwrite: pick one (continue, or start over)")
+    check_output(cfg.out, "generator", overwrite=cfg.overwrite, resume=cfg.resume)
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -232,24 +260,21 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 def _prepare_out(cfg: FitDiffusionConfig) -> Path:
+    """Claim ``--out`` for this command (only a folder fit-diffusion owns is ever replaced)."""
     out = Path(cfg.out)
+    check_output(out, "generator", overwrite=cfg.overwrite, resume=cfg.resume)
     done = (out / "model_index.json").is_file()
-    if out.exists() and not out.is_dir():
-        raise CSMError(f"--out {out}: is a file; pass a folder path")
     if done and not cfg.overwrite:
         raise CSMError(
             f"--out {out}: already holds a trained model; pass --overwrite to replace it or "
             "choose another --out"
         )
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    if not cfg.resume and _checkpoints(out):
+    if not cfg.resume and not cfg.overwrite and _checkpoints(out):
         raise CSMError(
             f"--out {out}: holds checkpoints of an unfinished run; pass --resume to continue it "
             "or --overwrite to start over"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return claim_output(out, "generator", overwrite=cfg.overwrite, resume=cfg.resume)
 
 
 def _main_prepares_out(cfg: FitDiffusionConfig, accelerator: Accelerator) -> Path:
@@ -386,8 +411,7 @@ def _setup(cfg: FitDiffusionConfig) -> _Run:
     # decay min(ema_decay, (1 + s) / (10 + s)) at 0-based step s >= 1; a plain copy at s = 0
     ema = EMAModel(unet.parameters(), decay=r["ema_decay"], update_after_step=0, foreach=True)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
-    ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
+    ema.to(accelerator.device)  # saved beside save_state as safetensors: _save_ema / _load_ema
     record, identity = _records(cfg, r, preset, data, hflip)
     return _Run(
         cfg=cfg,
@@ -437,10 +461,38 @@ def _resume(run: _Run) -> None:
                 "start over"
             )
     run.accelerator.load_state(str(last))
+    _load_ema(run.ema, last, meta)
     run.ema.to(run.accelerator.device)
     run.start = int(meta["step"])
     run.log = [row for row in _read_log(last / LOG_NAME) if row[0] < run.start]
     logger.info("resuming from %s (step %d)", last, run.start)
+
+
+def _save_ema(ema: EMAModel, folder: Path) -> dict[str, Any]:
+    """Write the EMA weights as ``ema.safetensors``; return its scalar state (for state.json).
+
+    Not ``register_for_checkpointing``: accelerate reloads registered objects with
+    ``torch.load(weights_only=False)`` (unpickling), and csm loads only safetensors or
+    ``weights_only=True`` files.
+    """
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    tensors = {f"shadow.{i}": t.detach().cpu().contiguous() for i, t in enumerate(shadow)}
+    with atomic_path(folder / EMA_NAME) as tmp:
+        save_file(tensors, str(tmp))
+    return state
+
+
+def _load_ema(ema: EMAModel, folder: Path, meta: dict[str, Any]) -> None:
+    """Restore what :func:`_save_ema` wrote (``CSMError`` if it is missing or does not fit)."""
+    path = folder / EMA_NAME
+    if not path.is_file() or "ema" not in meta:
+        raise CSMError(f"--resume: {path} missing; the checkpoint is incomplete, use --overwrite")
+    tensors = load_file(str(path))
+    shadow = [tensors[f"shadow.{i}"] for i in range(len(tensors))]
+    if [t.shape for t in shadow] != [t.shape for t in ema.shadow_params]:
+        raise CSMError(f"--resume: {path} does not match the model; use --overwrite")
+    ema.load_state_dict({**meta["ema"], "shadow_params": shadow})
 
 
 def _save_checkpoint(run: _Run, step: int) -> None:
@@ -461,6 +513,7 @@ def _save_checkpoint(run: _Run, step: int) -> None:
     if not acc.is_main_process:
         return
     meta = {**run.identity, "num_processes": acc.num_processes, "step": step}
+    meta["ema"] = _save_ema(run.ema, tmp)
     atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
     _write_log(run.log, tmp / LOG_NAME)
     if final.exists():
@@ -615,5 +668,6 @@ def _write_pipeline(pipe: CSMMixingPipeline, out: Path, record: dict, cfg) -> No
     atomic_write_text(out / "training_config.json", json.dumps(record, indent=1))
     save_config(cfg, out)
     os.replace(tmp / "model_index.json", out / "model_index.json")
+    export_pipeline_files(out)  # pipeline_csm.py + model card: loadable by diffusers without csm
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -15,6 +15,7 @@ dataset of one uninterrupted run.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from csm.errors import CSMError
 from csm.synthetic import SyntheticWriter, to_uint8
+from csm.utils import check_output
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,16 @@ class GenerateConfig:
         default="auto",
         metadata={"help": "auto, cpu or cuda (accelerate chooses under accelerate launch)"},
     )
-    license: str = field(default="other", metadata={"help": "license in the dataset card"})
+    license: str | None = field(
+        default=None, metadata={"help": "licence id; default: the source dataset's"}
+    )
+    from_card: str | None = field(
+        default=None,
+        metadata={
+            "help": "dataset folder or Hub id whose card gives every generation option and seed "
+            "(regenerates it bit-for-bit; --model defaults to the card's Hub generator)"
+        },
+    )
 
 
 def _versions() -> dict[str, str]:
@@ -66,13 +77,34 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "csm": __version__}
 
 
+def _license(source: Any, explicit: str | None) -> str:
+    """The dataset's licence (``resolve_license``); ``unknown`` until ``csm push --license``."""
+    from csm.synthetic.card import resolve_license
+
+    try:
+        return resolve_license(source, explicit)
+    except CSMError:
+        logger.warning("licence of the source dataset %r unknown; pass --license", source)
+        return "unknown"
+
+
 def generation_info(cfg: GenerateConfig, pipe: Any, model_ref: str) -> dict[str, Any]:
-    """Everything that determines the images (recorded in the manifest, card and info)."""
+    """Everything that determines the images (recorded in the manifest, card and info).
+
+    Provenance holds no local path: ``model`` is the Hub id, or the folder's name plus
+    ``model_sha256`` (:func:`csm.generation.card.generator_sha256`), so that
+    ``csm generate --from-card`` can check it is given the same generator.
+    """
+    from csm.generation.card import generator_sha256
+    from csm.synthetic.card import is_hub_id
+
     train_cfg = pipe.training_config() or {}
     model = pipe.transformer if pipe.backbone == "dit" else pipe.unet
     size = model.config.sample_size
+    local = not is_hub_id(cfg.model)
     return {
-        "model": model_ref,
+        "model": Path(model_ref).name if local else cfg.model,
+        "model_sha256": generator_sha256(model_ref) if local else None,
         "model_class": type(pipe).__name__,
         "backbone": pipe.backbone,
         "dataset": train_cfg.get("dataset"),
@@ -88,9 +120,49 @@ def generation_info(cfg: GenerateConfig, pipe: Any, model_ref: str) -> dict[str,
         "pair_walk": PAIR_WALK,
         "seed_rule": SEED_RULE,
         "sample_size": size if isinstance(size, int) else list(size),
-        "license": cfg.license,
+        "license": _license(train_cfg.get("dataset"), cfg.license),
+        "device": pipe.device.type,
         **_versions(),
     }
+
+
+def apply_card(cfg: GenerateConfig) -> GenerateConfig:
+    """``cfg`` with every generation option of the ``--from-card`` dataset card.
+
+    The card's options and seeds (:func:`csm.synthetic.card.generation_options_from_card`)
+    replace the command line's; ``--model`` defaults to the card's generator when that is a Hub
+    id, and a local ``--model`` must have the sha256 the card records.
+
+    Raises:
+        CSMError: No generator to use, or ``--model`` is not the card's generator.
+    """
+    from dataclasses import replace
+
+    from csm.generation.card import generator_sha256
+    from csm.synthetic.card import GENERATION_OPTIONS, generation_options_from_card, is_hub_id
+
+    if not cfg.from_card:
+        return cfg
+    opts = generation_options_from_card(cfg.from_card)
+    model = cfg.model or (opts["model"] if is_hub_id(opts["model"]) else "")
+    if not model:
+        raise CSMError(
+            f"--model: missing; the card of {cfg.from_card} names the generator folder "
+            f"{opts['model']!r} (sha256 {opts['model_sha256']}); pass --model DIR of that folder"
+        )
+    path = Path(model).expanduser()
+    if opts.get("model_sha256") and (path / "model_index.json").is_file():
+        if (sha := generator_sha256(path)) != opts["model_sha256"]:
+            raise CSMError(
+                f"--model {model}: sha256 {sha[:12]}... differs from the card's generator "
+                f"{opts['model']!r} ({opts['model_sha256'][:12]}...); pass --model with that folder"
+            )
+    values = {k: opts[k] for k in GENERATION_OPTIONS}
+    if opts.get("groups_per_shard"):
+        values["groups_per_shard"] = opts["groups_per_shard"]
+    lic = cfg.license or (opts.get("license") if opts.get("license") != "unknown" else None)
+    logger.info("generate: options from the card of %s: %s", cfg.from_card, values)
+    return replace(cfg, model=model, license=lic, **values)
 
 
 def _check(cfg: GenerateConfig) -> None:
@@ -113,6 +185,21 @@ def _check(cfg: GenerateConfig) -> None:
         raise CSMError(f"mix_mode={cfg.mix_mode!r}: choose one of {list(MIX_MODES)}")
     if cfg.seed < 0:
         raise CSMError(f"seed={cfg.seed}: must be >= 0")
+    if not math.isfinite(cfg.guidance) or cfg.guidance < 0:
+        raise CSMError(
+            f"--guidance {cfg.guidance}: must be a finite number >= 0 (1 = no guidance), e.g. 2"
+        )
+    model = Path(cfg.model).expanduser()
+    if model.exists() and not (model / "model_index.json").is_file():
+        raise CSMError(
+            f"--model {cfg.model}: not a diffusers pipeline folder (no model_index.json); pass the "
+            "--out folder of a finished `csm fit-diffusion`"
+        )
+    if not model.exists() and (cfg.model.startswith(("/", ".", "~")) or cfg.model.count("/") != 1):
+        raise CSMError(
+            f"--model {cfg.model}: no such folder; pass the --out folder of `csm fit-diffusion`"
+        )
+    check_output(cfg.out, "synthetic", overwrite=cfg.overwrite, resume=cfg.resume)
 
 
 def generate_shard(
@@ -185,12 +272,21 @@ def generate(cfg: GenerateConfig) -> str:
     from csm.generation.pipeline import CSMMixingPipeline
     from csm.utils import distributed_state, resolve_device
 
+    cfg = apply_card(cfg)
     _check(cfg)
     state = distributed_state()
     rank, world = state.process_index, state.num_processes
     path = Path(cfg.model)
     model_ref = str(path.resolve()) if path.exists() else cfg.model
-    pipe = CSMMixingPipeline.from_pretrained(cfg.model)
+    try:
+        pipe = CSMMixingPipeline.from_pretrained(cfg.model)
+    except CSMError:
+        raise
+    except (OSError, ValueError) as exc:  # a Hub id that is not cached or does not exist
+        raise CSMError(
+            f"--model {cfg.model}: cannot be loaded ({type(exc).__name__}); pass the --out folder "
+            "of `csm fit-diffusion` or a Hub pipeline id available offline"
+        ) from None
     pipe.set_scheduler(cfg.scheduler)
     pipe.to(state.device if world > 1 else resolve_device(cfg.device))
     pipe.set_progress_bar_config(disable=True)

@@ -10,6 +10,10 @@ yields exactly the images of one uninterrupted run.
 
 λ is always the weight of ``class_a``: λ = 1 is pure class ``a``, λ = 0 pure class ``b``.
 
+:func:`lambdas` and :func:`mixing_weights` are defined in :mod:`csm.generation.pipeline` (the
+self-contained file saved next to every model, so diffusers users get the same math) and
+re-exported here.
+
 References:
     Luo, Tao, Dong, Xu. "Beyond One-Hot Labels: Semantic Mixing for Model Calibration." ICML 2025,
     arXiv:2504.13548.
@@ -24,6 +28,9 @@ import numpy as np
 
 from csm.errors import CSMError
 
+# the mixing math lives in the self-contained pipeline file (it is saved next to every model)
+from csm.generation.pipeline import lambdas, mixing_weights
+
 __all__ = [
     "MixGroup",
     "dirichlet_weights",
@@ -34,29 +41,6 @@ __all__ = [
     "pair_for_group",
     "seed_for_group",
 ]
-
-
-def lambdas(group_size: int) -> list[float]:
-    """Mixing ratios of one group: ``[0, 1/(G-1), ..., 1]``.
-
-    Args:
-        group_size: Images per group ``G`` (at least 2).
-
-    Returns:
-        ``G`` evenly spaced ratios; the first is exactly 0.0 and the last exactly 1.0.
-
-    Raises:
-        CSMError: If ``group_size < 2``.
-    """
-    if isinstance(group_size, bool) or not isinstance(group_size, int | np.integer):
-        raise CSMError(f"group_size={group_size!r}: must be an integer; pass e.g. --group-size 8")
-    if group_size < 2:
-        raise CSMError(
-            f"group_size={group_size}: a group needs at least 2 images (both pure ends); "
-            "pass --group-size 2 or more (the paper uses 8)"
-        )
-    g = int(group_size)
-    return [i / (g - 1) for i in range(g)]
 
 
 def num_pairs(num_classes: int) -> int:
@@ -161,44 +145,6 @@ def group_plan(k: int, num_classes: int, base_seed: int, group_size: int = 8) ->
         class_b=b,
         lams=tuple(lambdas(group_size)),
     )
-
-
-def mixing_weights(
-    class_a: list[int], class_b: list[int], lam: list[float], num_classes: int
-) -> np.ndarray:
-    """Dense per-sample class weights ``λ·onehot(a) + (1-λ)·onehot(b)``.
-
-    Args:
-        class_a: Per-sample first class.
-        class_b: Per-sample second class.
-        lam: Per-sample weight of ``class_a`` in ``[0, 1]``.
-        num_classes: ``K``.
-
-    Returns:
-        ``float64`` array ``(N, K)``; row ``i`` sums to 1.
-
-    Raises:
-        CSMError: On a class index outside ``[0, K)``, λ outside ``[0, 1]`` or length mismatch.
-    """
-    if not (len(class_a) == len(class_b) == len(lam)):
-        raise CSMError(
-            f"class_a/class_b/lam: lengths {len(class_a)}/{len(class_b)}/{len(lam)} differ; "
-            "pass one value per sample"
-        )
-    w = np.zeros((len(lam), num_classes), dtype=np.float64)
-    for i, (a, b, t) in enumerate(zip(class_a, class_b, lam, strict=True)):
-        for name, c in (("class_a", a), ("class_b", b)):
-            if not 0 <= int(c) < num_classes:
-                raise CSMError(
-                    f"{name}={c}: class index out of range for {num_classes} classes; "
-                    f"use 0..{num_classes - 1} or a class name"
-                )
-        t = float(t)
-        if not 0.0 <= t <= 1.0 or math.isnan(t):
-            raise CSMError(f"lam={t}: mixing ratio must lie in [0, 1]; clip or fix the value")
-        w[i, int(a)] += t
-        w[i, int(b)] += 1.0 - t
-    return w
 
 
 def dirichlet_weights(

@@ -32,6 +32,19 @@ Example:
     >>> out = pipe(class_a=[3] * 8, class_b=[8] * 8, lam=lambdas(8), generator=gens)
     >>> out.images.shape  # (8, C, H, W) floats in [0, 1]
 
+This file is self-contained: it imports only the standard library, numpy, torch and diffusers,
+so the copy that :func:`csm.generation.card.export_pipeline_files` saves as ``pipeline_csm.py``
+in a model folder loads without csm::
+
+    DiffusionPipeline.from_pretrained(
+        folder, custom_pipeline="pipeline_csm", trust_remote_code=True
+    )
+
+It is also the one source of the mixing math (:func:`lambdas`, :func:`mixing_weights`), which
+:mod:`csm.generation.mixing` re-exports. Inside csm its :class:`CSMError` is a subclass of
+``csm.errors.CSMError`` (one line, exit code 2 on the command line); standalone it is a
+``ValueError``.
+
 References:
     Luo, Tao, Dong, Xu. "Beyond One-Hot Labels: Semantic Mixing for Model Calibration." ICML 2025.
     Ho, Salimans. "Classifier-Free Diffusion Guidance." 2022.
@@ -40,9 +53,11 @@ References:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import logging
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,12 +77,98 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from csm.errors import CSMError
-from csm.generation.mixing import mixing_weights
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["MIX_MODES", "OUTPUT_TYPES", "SCHEDULERS", "CSMMixingPipeline", "build_unet"]
+__all__ = [
+    "MIX_MODES",
+    "OUTPUT_TYPES",
+    "SCHEDULERS",
+    "CSMError",
+    "CSMMixingPipeline",
+    "build_unet",
+    "lambdas",
+    "mixing_weights",
+]
+
+
+def _user_error_base() -> type[Exception]:
+    """``csm.errors.CSMError`` when csm is installed, else ``ValueError`` (standalone copy).
+
+    Looked up by name (not an ``import`` statement) so that this file never requires csm.
+    """
+    try:
+        return importlib.import_module("csm.errors").CSMError
+    except ImportError:
+        return ValueError
+
+
+class CSMError(_user_error_base()):
+    """A bad argument to the pipeline: one line naming the input and the fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+def lambdas(group_size: int) -> list[float]:
+    """Mixing ratios of one group: ``[0, 1/(G-1), ..., 1]``.
+
+    Args:
+        group_size: Images per group ``G`` (at least 2).
+
+    Returns:
+        ``G`` evenly spaced ratios; the first is exactly 0.0 and the last exactly 1.0.
+
+    Raises:
+        CSMError: If ``group_size`` is not an integer ``>= 2``.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int | np.integer):
+        raise CSMError(f"group_size={group_size!r}: must be an integer; pass e.g. --group-size 8")
+    if group_size < 2:
+        raise CSMError(
+            f"group_size={group_size}: a group needs at least 2 images (both pure ends); "
+            "pass --group-size 2 or more (the paper uses 8)"
+        )
+    g = int(group_size)
+    return [i / (g - 1) for i in range(g)]
+
+
+def mixing_weights(
+    class_a: Sequence[int], class_b: Sequence[int], lam: Sequence[float], num_classes: int
+) -> np.ndarray:
+    """Dense per-sample class weights ``λ·onehot(a) + (1-λ)·onehot(b)``.
+
+    Args:
+        class_a: Per-sample first class.
+        class_b: Per-sample second class.
+        lam: Per-sample weight of ``class_a`` in ``[0, 1]``.
+        num_classes: ``K``.
+
+    Returns:
+        ``float64`` array ``(N, K)``; row ``i`` sums to 1.
+
+    Raises:
+        CSMError: On a class index outside ``[0, K)``, λ outside ``[0, 1]`` or length mismatch.
+    """
+    if not (len(class_a) == len(class_b) == len(lam)):
+        raise CSMError(
+            f"class_a/class_b/lam: lengths {len(class_a)}/{len(class_b)}/{len(lam)} differ; "
+            "pass one value per sample"
+        )
+    w = np.zeros((len(lam), num_classes), dtype=np.float64)
+    for i, (a, b, t) in enumerate(zip(class_a, class_b, lam, strict=True)):
+        for name, c in (("class_a", a), ("class_b", b)):
+            if not 0 <= int(c) < num_classes:
+                raise CSMError(
+                    f"{name}={c}: class index out of range for {num_classes} classes; "
+                    f"use 0..{num_classes - 1} or a class name"
+                )
+        t = float(t)
+        if not 0.0 <= t <= 1.0 or math.isnan(t):
+            raise CSMError(f"lam={t}: mixing ratio must lie in [0, 1]; clip or fix the value")
+        w[i, int(a)] += t
+        w[i, int(b)] += 1.0 - t
+    return w
+
 
 #: Sampler registry for ``--scheduler``: name -> diffusers scheduler class (built ``from_config``).
 SCHEDULERS: dict[str, type] = {

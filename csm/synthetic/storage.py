@@ -4,7 +4,9 @@ On-disk layout of ``DIR``::
 
     DIR/csm_synthetic.json            manifest: parameters, class names, info, annotations, state
     DIR/.csm/shards/00003.json        one record per finished shard (rows, bytes, sha256)
-    DIR/train/data-00003-of-00010.arrow   shard 3 (Arrow stream; features in the schema metadata)
+    DIR/train/data-00003-of-00010.arrow   shard 3 (Arrow stream; features in the schema metadata;
+                                      ``data-00003-of-00010-<sha256[:12]>.arrow`` once an
+                                      annotation is activated, listed in the manifest)
     DIR/train/state.json, DIR/train/dataset_info.json, DIR/dataset_dict.json   (after finalize)
     DIR/README.md                     the dataset card (YAML ``configs`` point at the shards)
     DIR/annotations/<name>/labels-00003-of-00010-<sha>.arrow   label-only data of annotation
@@ -80,6 +82,35 @@ def read_table(path: Path) -> pa.Table:
         ) from exc
 
 
+def read_verified_table(path: Path, record: dict[str, Any]) -> pa.Table:
+    """Read a recorded Arrow file once, checking its bytes against the record's sha256.
+
+    The file is read into memory a single time; its sha256 (recorded when it was written) is
+    computed over those bytes and the table parsed from the same buffer, so what a reader trains
+    on is exactly what was written, at the cost of one hash per shard.
+
+    Raises:
+        CSMError: The file is missing, truncated, altered (even at the same size) or unreadable.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CSMError(
+            f"{path}: the file is missing or unreadable ({exc}); regenerate it (`csm generate "
+            "--resume` for an image shard, `csm annotate` for labels)"
+        ) from None
+    if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise CSMError(
+            f"{path}: its content differs from what was written (sha256 or size changed); "
+            "regenerate it (`csm generate --resume` after deleting its record under .csm/shards "
+            "for an image shard, `csm annotate` again for labels)"
+        )
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    except pa.ArrowInvalid as exc:
+        raise CSMError(f"{path}: the file is corrupt ({exc}); regenerate it") from None
+
+
 def shard_name(index: int, num_shards: int) -> str:
     """File name of shard ``index`` of ``num_shards``."""
     return f"data-{index:05d}-of-{num_shards:05d}.arrow"
@@ -125,7 +156,15 @@ def verify_shard(path: Path, record: dict[str, Any], full: bool) -> None:
 
 
 def shard_records(out_dir: str | Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Records of all shards, in order; missing records raise :class:`CSMError`."""
+    """Records of all shards, in order; missing records raise :class:`CSMError`.
+
+    Once an annotation has been activated the manifest lists the main shards itself
+    (``manifest["shards"]``, written in one atomic replace: the commit point of the switch-over,
+    see :mod:`csm.synthetic.variants`); before that, the per-shard records under ``.csm/shards``
+    that ``csm generate`` writes are the list.
+    """
+    if manifest.get("shards") is not None:
+        return [dict(r) for r in manifest["shards"]]
     out_dir = Path(out_dir)
     records = []
     for index in range(manifest["params"]["num_shards"]):

@@ -20,10 +20,17 @@ shards, because Arrow and ``datasets`` cannot join columns of different files on
 shards only. Trade-off: writing a named annotation costs only its label files (a few bytes per
 image); *activating* one (:func:`activate`) rewrites the main shards once (image bytes copied,
 nothing re-encoded), so switching the active annotation costs one pass over the data while
-training on any named one costs nothing extra. Activation stages every new shard first (a failure
-leaves the dataset untouched), then marks the manifest ``activating`` while it swaps the shards
-in; a kill in that window is detected by every reader and finished by running the activation
-again (it is idempotent).
+training on any named one costs nothing extra.
+
+Activation is a pointer switch, all-or-nothing under ``kill -9`` at any moment: the new main
+shards are written beside the old ones under content-addressed names
+(``train/data-00003-of-00010-<sha256[:12]>.arrow``), then one atomic replace of the manifest,
+which lists the main shards (``manifest["shards"]``), commits the switch for csm's readers; the
+files that list the shards for plain ``datasets`` (``train/state.json`` for ``load_from_disk``,
+the card's ``configs`` for ``load_dataset``) are each replaced atomically after it, and only then
+are the old shards deleted. Every reader therefore sees the old or the new annotation, never a
+mix; :func:`recover` (run by every ``csm annotate``) finishes the metadata of a committed switch
+or deletes the staged files of an uncommitted one.
 
 Label files are content-addressed (the name carries the file's sha256) and the manifest is the
 commit point: annotating again with the same name writes new files, switches the manifest to them
@@ -35,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -51,9 +57,9 @@ from csm.synthetic.schema import (
     LABEL_COLUMNS,
     LAMBDA_NAME,
     MANIFEST_NAME,
-    RECORDS_DIR,
     REPORT_JSON,
     REPORT_PNG,
+    SPLIT,
     arrow_column,
     label_columns,
     label_features,
@@ -66,13 +72,13 @@ from csm.synthetic.storage import (
     file_sha256,
     read_manifest,
     read_table,
+    read_verified_table,
     shard_records,
     update_shard_record,
     verify_shard,
     write_json_atomic,
-    write_table_atomic,
 )
-from csm.utils import atomic_path
+from csm.utils import atomic_path, clean_temp_files, kill_point
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +91,7 @@ __all__ = [
     "label_table",
     "parse_spec",
     "read_labels",
+    "recover",
     "with_labels",
     "write_annotation",
 ]
@@ -162,6 +169,7 @@ def write_annotation(
     """
     out_dir = Path(out_dir)
     check_name(name)
+    recover(out_dir)
     manifest, records = check_dataset(out_dir)
     if len(tables) != len(records):
         raise CSMError(f"annotation {name}: {len(tables)} label tables for {len(records)} shards")
@@ -205,12 +213,13 @@ def read_labels(
     name: str,
     shard: int,
     main: pa.Table,
-    full: bool = False,
+    full: bool = True,
 ) -> dict[str, np.ndarray]:
     """Label columns of annotation ``name`` for image shard ``shard`` (its table ``main``).
 
     ``lambda`` is computed from ``main``'s ``lam``; a written annotation is read from its file,
-    checked against its record (size, and sha256 if ``full``) and keyed by ``group_id``.
+    checked against its record (sha256, read once; ``full=False``: size only) and keyed by
+    ``group_id``.
 
     Returns:
         ``label``, ``lam_hat``, ``confidence`` (N,) and ``soft_label`` (N, K) as numpy arrays.
@@ -227,8 +236,11 @@ def read_labels(
         raise _unknown(str(out_dir), name, manifest)
     record = entry["shards"][shard]
     path = Path(out_dir) / record["file"]
-    verify_shard(path, record, full=full)
-    table = read_table(path)
+    if full:
+        table = read_verified_table(path, record)
+    else:
+        verify_shard(path, record, full=False)
+        table = read_table(path)
     if not np.array_equal(table.column("group_id").to_numpy(), main.column("group_id").to_numpy()):
         raise CSMError(
             f"{path}: its rows do not match image shard {shard}; annotate again with --name {name}"
@@ -252,8 +264,9 @@ def with_labels(table: pa.Table, class_names: list[str], labels: dict[str, Any])
 
 
 def _finish_swaps(out_dir: Path) -> None:
-    """Re-record the shards an interrupted activation already swapped in (they match the sha256
-    it recorded before swapping), so that the shard check below passes for them."""
+    """Re-record the shards that an activation of an older csm (which swapped shards in place,
+    one rename at a time, under a manifest ``activating`` flag) already swapped in, so that the
+    dataset passes its checks and the activation can simply run again."""
     manifest = read_manifest(out_dir)
     pending = manifest.get("activating_shards") or {}
     for record in shard_records(out_dir, manifest) if pending else []:
@@ -263,60 +276,106 @@ def _finish_swaps(out_dir: Path) -> None:
                 update_shard_record(out_dir, record["shard"], path, record["rows"])
 
 
+def _shard_file(index: int, num_shards: int, digest: str) -> str:
+    return f"data-{index:05d}-of-{num_shards:05d}-{digest[:12]}.arrow"
+
+
 def _stage_shards(
-    out_dir: Path, manifest: dict[str, Any], records: list[dict[str, Any]], name: str, stage: Path
-) -> dict[str, dict[str, Any]]:
-    """Write every main shard with annotation ``name``'s labels under ``stage``; their records."""
+    out_dir: Path, manifest: dict[str, Any], records: list[dict[str, Any]], name: str
+) -> list[dict[str, Any]]:
+    """Write every main shard with annotation ``name``'s labels under a new content-addressed
+    name next to the current one (nothing is replaced); returns the new shard records."""
     names = list(manifest["params"]["class_names"])
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    staged = {}
-    try:
-        for record in records:
-            main = read_table(out_dir / record["file"])
-            labels = read_labels(out_dir, manifest, name, record["shard"], main, full=True)
-            path = stage / Path(record["file"]).name
-            write_table_atomic(with_labels(main, names, labels), path)
-            staged[str(record["shard"])] = {
-                "bytes": path.stat().st_size,
-                "sha256": file_sha256(path),
-            }
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    staged = []
+    for record in records:
+        main = read_verified_table(out_dir / record["file"], record)
+        labels = read_labels(out_dir, manifest, name, record["shard"], main, full=True)
+        data = _table_bytes(with_labels(main, names, labels))
+        digest = hashlib.sha256(data).hexdigest()
+        rel = f"{SPLIT}/{_shard_file(record['shard'], len(records), digest)}"
+        path = out_dir / rel
+        done = path.is_file() and path.stat().st_size == len(data) and file_sha256(path) == digest
+        if not done:  # (a kill before the commit may have left it complete: content-addressed)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+        staged.append({**record, "file": rel, "bytes": len(data), "sha256": digest})
     return staged
 
 
 def activate(out_dir: str | Path, name: str) -> None:
-    """Materialise annotation ``name`` into the main shards (see the module docstring).
+    """Make annotation ``name`` the one in the main shards (see the module docstring).
+
+    The switch-over is all-or-nothing under a kill at any moment: the new main shards are
+    written under new content-addressed names beside the current ones, then one atomic replace
+    of the manifest (which lists the main shards) commits the switch; the dataset's metadata
+    (``train/state.json``, the card, the report) is then rewritten from the manifest and the old
+    shards deleted. A kill before the commit leaves the old annotation (the staged files are
+    unreferenced and removed by the next run); a kill after it leaves the new one for csm and
+    the old, intact, for plain ``datasets`` until :func:`recover` (run by every ``csm annotate``)
+    finishes the metadata.
 
     Raises:
         CSMError: Unknown name, or a damaged shard or label file (nothing is changed then).
     """
     out_dir = Path(out_dir)
     _finish_swaps(out_dir)
-    manifest, records = check_dataset(out_dir, full=True, activating_ok=True)
+    recover(out_dir)
+    manifest, records = check_dataset(out_dir, activating_ok=True)
     if name not in annotation_names(manifest):
         raise _unknown(str(out_dir), name, manifest)
-    stage = out_dir / RECORDS_DIR.parent / "activate"
-    staged = _stage_shards(out_dir, manifest, records, name, stage)
-    # readers refuse the dataset until the swap below is done; a rerun finishes it
-    manifest.update(activating=name, activating_shards=staged)
-    write_json_atomic(manifest, out_dir / MANIFEST_NAME)
-    for record in records:
-        path = out_dir / record["file"]
-        os.replace(stage / path.name, path)
-        update_shard_record(out_dir, record["shard"], path, record["rows"])
-    shutil.rmtree(stage, ignore_errors=True)
-    _copy_report(out_dir, name)
+    staged = _stage_shards(out_dir, manifest, records, name)
+    kill_point("activate:staged")
     entry = (manifest.get("annotations") or {}).get(name)
     manifest["annotation"] = (
         None if entry is None else {k: v for k, v in entry.items() if k != "shards"}
     )
-    del manifest["activating"], manifest["activating_shards"]
-    write_json_atomic(manifest, out_dir / MANIFEST_NAME)
-    write_dataset_metadata(out_dir)
+    manifest.pop("activating", None)
+    manifest.pop("activating_shards", None)
+    manifest.update(shards=staged, metadata_pending=True)
+    write_json_atomic(manifest, out_dir / MANIFEST_NAME)  # the commit point
+    kill_point("activate:committed")
+    recover(out_dir)
     logger.info("activated annotation %r in %s", name, out_dir)
+
+
+def recover(out_dir: str | Path) -> bool:
+    """Finish or clean up whatever a kill interrupted in a finished dataset; idempotent.
+
+    After a committed activation whose metadata is pending, rewrite the report, ``state.json``,
+    ``dataset_info.json`` and the card from the manifest, then clear the flag; delete main
+    shards and label files that the manifest does not reference (old ones of a finished
+    switch-over, staged ones of an uncommitted one) and the temporary files of interrupted
+    writes. Changes nothing in a consistent dataset. Call it only from the one process that
+    writes the dataset.
+
+    Returns:
+        Whether anything was changed.
+    """
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if not manifest.get("finalized"):
+        return False
+    changed = False
+    if manifest.get("metadata_pending"):
+        if active_name(manifest) is not None:  # an unnamed (older) annotation keeps its report
+            _copy_report(out_dir, active_name(manifest))
+        write_dataset_metadata(out_dir)
+        del manifest["metadata_pending"]
+        write_json_atomic(manifest, out_dir / MANIFEST_NAME)
+        changed = True
+    if (out_dir / SPLIT).is_dir():
+        keep = {Path(r["file"]).name for r in shard_records(out_dir, manifest)}
+        for stale in sorted((out_dir / SPLIT).glob("data-*.arrow")):
+            if stale.name not in keep:
+                stale.unlink()
+                changed = True
+    for ann, entry in (manifest.get("annotations") or {}).items():
+        keep = {Path(f["file"]).name for f in entry["shards"]}
+        for stale in sorted((out_dir / ANNOTATIONS_DIR / ann).glob("labels-*.arrow")):
+            if stale.name not in keep:
+                stale.unlink()
+                changed = True
+    return bool(clean_temp_files(out_dir)) or changed
 
 
 def _copy_report(out_dir: Path, name: str) -> None:

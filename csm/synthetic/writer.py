@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from csm.synthetic.storage import (
     write_json_atomic,
     write_table_atomic,
 )
+from csm.utils import check_output, claim_output
 
 logger = logging.getLogger(__name__)
 
@@ -94,21 +94,15 @@ class SyntheticWriter:
         self.features = synthetic_features(self.class_names)
         params = self._params()
         manifest_path = self.out_dir / MANIFEST_NAME
-        if manifest_path.exists():
-            if overwrite:
-                read_manifest(self.out_dir)  # only ever delete a csm dataset
-                shutil.rmtree(self.out_dir)
-            elif not resume:
-                raise CSMError(
-                    f"{self.out_dir}: a synthetic dataset already exists; pass --resume to "
-                    "continue "
-                    "it or --overwrite to replace it"
-                )
-        elif self.out_dir.exists() and any(self.out_dir.iterdir()):
+        owned = check_output(self.out_dir, "synthetic", overwrite=overwrite, resume=resume)
+        if owned and not manifest_path.exists():
+            owned = False  # only the marker (a kill before the manifest): start afresh
+        if owned and not (resume or overwrite):
             raise CSMError(
-                f"{self.out_dir}: the directory is not empty and is not a csm synthetic dataset; "
-                "choose a new --out directory"
+                f"{self.out_dir}: a synthetic dataset already exists; pass --resume to continue "
+                "it or --overwrite to replace it"
             )
+        claim_output(self.out_dir, "synthetic", overwrite=overwrite, resume=resume)
         if manifest_path.exists():
             manifest = read_manifest(self.out_dir)
             if manifest["params"] != params:
@@ -122,7 +116,7 @@ class SyntheticWriter:
                     "rerun "
                     "with the original parameters or write to a new --out directory"
                 )
-            self._check_records()
+            self._check_records(manifest)
         else:
             manifest = {
                 "format": "csm-synthetic",
@@ -158,7 +152,11 @@ class SyntheticWriter:
     def _record_path(self, index: int) -> Path:
         return self.out_dir / RECORDS_DIR / f"{index:05d}.json"
 
-    def _check_records(self) -> None:
+    def _check_records(self, manifest: dict[str, Any]) -> None:
+        if manifest.get("shards") is not None:  # an activated annotation: the manifest lists them
+            for record in manifest["shards"]:
+                verify_shard(self.out_dir / record["file"], record, full=True)
+            return
         for index in range(self.num_shards):
             record_path = self._record_path(index)
             if record_path.exists():
@@ -218,7 +216,7 @@ class SyntheticWriter:
                 f"{self.out_dir}: {len(pending)} of {self.num_shards} shards are not written "
                 f"(first: {pending[0]}); run `csm generate --resume` to finish it"
             )
-        self._check_records()
+        self._check_records(self.manifest)
         write_dataset_metadata(self.out_dir)
         self.manifest["finalized"] = True  # last: a crash before this leaves it unfinished
         write_json_atomic(self.manifest, self.out_dir / MANIFEST_NAME)

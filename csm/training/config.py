@@ -9,10 +9,14 @@ from typing import Any
 
 import yaml
 
-from csm.calibration.metrics import METRIC_NAMES
+from csm.calibration.metrics import METRIC_ALIASES, METRIC_NAMES
 from csm.errors import CSMError
 from csm.training.methods import METHODS, accepted_params, all_method_params
 from csm.training.optim import SCHEDULES
+
+MEMBER_ORDERS = ("reannotated", "generation")
+"""How a synthetic group's members are ordered: by the reannotated soft label (the CSM reference
+code's, default) or by the generation ratio λ (:class:`csm.training.sampler.SyntheticSampler`)."""
 
 __all__ = [
     "METHOD_PARAMS",
@@ -91,6 +95,13 @@ class _TrainOptions:
     syn_interior: int = field(
         default=1, metadata={"help": "random interior members taken per drawn group"}
     )
+    syn_member_order: str = field(
+        default="reannotated",
+        metadata={
+            "help": "order of a group's members: reannotated (soft label, the CSM reference "
+            "code's) or generation (lambda)"
+        },
+    )
     checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
     max_steps: int | None = field(
         default=None, metadata={"help": "stop after this many steps in total (smoke tests)"}
@@ -134,6 +145,12 @@ def validate_config(cfg: Any) -> None:
     checks = [
         (cfg.epochs >= 1, "--epochs", cfg.epochs, "give at least 1"),
         (cfg.batch_size >= 1, "--batch-size", cfg.batch_size, "give at least 1"),
+        (
+            cfg.syn_member_order in MEMBER_ORDERS,
+            "--syn-member-order",
+            cfg.syn_member_order,
+            f"use one of {', '.join(MEMBER_ORDERS)}",
+        ),
         (cfg.eval_batch_size >= 1, "--eval-batch-size", cfg.eval_batch_size, "give at least 1"),
         (cfg.optimizer in ("sgd", "adamw"), "--optimizer", cfg.optimizer, "use sgd or adamw"),
         (
@@ -164,10 +181,12 @@ def validate_config(cfg: Any) -> None:
         if not ok:
             raise CSMError(f"{flag} {value}: out of range; {fix}")
 
-    if cfg.select_metric not in METRIC_NAMES or cfg.select_metric.startswith("ood/"):
+    metric = METRIC_ALIASES.get(cfg.select_metric, cfg.select_metric)  # torch-uncertainty names
+    if metric not in METRIC_NAMES or metric.startswith("ood/"):
         raise CSMError(
             f"--select-metric {cfg.select_metric}: not a validation metric; use one of "
-            f"{', '.join(m for m in METRIC_NAMES if not m.startswith('ood/'))}"
+            f"{', '.join(m for m in METRIC_NAMES if not m.startswith('ood/'))} (or an alias: "
+            f"{', '.join(METRIC_ALIASES)})"
         )
     if cfg.resume and cfg.overwrite:
         raise CSMError("--resume and --overwrite: contradictory; pass only one of them")

@@ -4,7 +4,10 @@ Every loss in :data:`LOSSES` is called as ``loss(logits, target)`` where ``logit
 and ``target`` is either integer class indices ``(N,)`` or dense (soft) targets ``(N, K)`` whose
 rows sum to one (what the mixup family and the synthetic soft labels produce). On one-hot dense
 targets every loss returns exactly what it returns on the matching integer targets. Losses are
-computed in float32 (safe under bf16 autocast) and reduced by the mean over the batch.
+computed in float32 (safe under bf16 autocast) and reduced over the batch as torch's losses are:
+``reduction="mean"`` (default), ``"sum"`` or ``"none"`` (the ``(N,)`` per-sample values), so
+``mean == sum / N``. A batch-level term (MMCE's penalty, CLUE's ``batch_mean`` alignment) is added
+to every sample's value, which keeps ``mean`` equal to the loss of the paper.
 Hyper-parameters are checked in ``__init__``; a bad value raises :class:`~csm.errors.CSMError`
 naming the parameter.
 
@@ -43,6 +46,7 @@ __all__ = [
     "DualFocalLoss",
     "FLSD53",
     "FocalLoss",
+    "REDUCTIONS",
     "GradientBSCE",
     "KLDivergence",
     "LabelSmoothing",
@@ -124,27 +128,46 @@ def _is_hard(target: Tensor) -> bool:
     return not target.is_floating_point()
 
 
+#: Batch reductions, as in ``torch.nn`` losses.
+REDUCTIONS = ("mean", "sum", "none")
+
+
 class CalibrationLoss(nn.Module):
-    """Base class: converts targets to dense form and computes a mean-reduced loss in float32.
+    """Base class: converts targets to dense form and computes a reduced loss in float32.
 
     Subclasses implement :meth:`dense_loss` (per-sample values, shape ``(N,)``) from float32
     logits and dense targets. Constructor arguments are ``Annotated[type, help]``: the methods
-    that wrap a loss expose them as their hyper-parameters (:mod:`csm.training.methods`).
+    that wrap a loss expose them as their hyper-parameters (:mod:`csm.training.methods`);
+    ``reduction`` is plain (not a method hyper-parameter: training always takes the mean).
+
+    Args:
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` over the batch, as in
+            ``torch.nn.CrossEntropyLoss``.
     """
 
+    def __init__(self, *, reduction: str = "mean") -> None:
+        super().__init__()
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Mean loss over the batch.
+        """The loss over the batch, reduced by :attr:`reduction`.
 
         Args:
             logits: ``(N, K)`` unnormalised scores.
             target: ``(N,)`` int64 class indices or ``(N, K)`` dense targets.
 
         Returns:
-            A scalar tensor.
+            A scalar tensor (``mean``, ``sum``) or the ``(N,)`` per-sample values (``none``).
         """
         logits = logits.float()
         t = dense_target(target, logits)
-        return self.dense_loss(logits, t).mean()
+        return self.reduce(self.dense_loss(logits, t))
+
+    def reduce(self, values: Tensor) -> Tensor:
+        """Per-sample ``values`` ``(N,)`` reduced by :attr:`reduction`."""
+        if self.reduction == "sum":
+            return values.sum()
+        return values if self.reduction == "none" else values.mean()
 
     def dense_loss(self, logits: Tensor, target: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -166,7 +189,7 @@ class CrossEntropy(CalibrationLoss):
                     f"target: integer targets must have shape ({logits.shape[0]},) "
                     f"for logits {tuple(logits.shape)}, got {tuple(target.shape)}"
                 )
-            return F.cross_entropy(logits.float(), target.long())
+            return F.cross_entropy(logits.float(), target.long(), reduction=self.reduction)
         return super().forward(logits, target)
 
     def dense_loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -180,8 +203,10 @@ class LabelSmoothing(CalibrationLoss):
         alpha: smoothing mass in [0, 1]; 0 is plain cross-entropy.
     """
 
-    def __init__(self, alpha: Annotated[float, "smoothing mass in [0, 1]"] = 0.1) -> None:
-        super().__init__()
+    def __init__(
+        self, alpha: Annotated[float, "smoothing mass in [0, 1]"] = 0.1, *, reduction: str = "mean"
+    ) -> None:
+        super().__init__(reduction=reduction)
         self.alpha = check_range("alpha", alpha, 0.0, 1.0)
 
     def dense_loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -226,8 +251,10 @@ class FocalLoss(CalibrationLoss):
         gamma: focusing parameter >= 0 (0 is cross-entropy).
     """
 
-    def __init__(self, gamma: Annotated[float, "focusing parameter >= 0"] = 3.0) -> None:
-        super().__init__()
+    def __init__(
+        self, gamma: Annotated[float, "focusing parameter >= 0"] = 3.0, *, reduction: str = "mean"
+    ) -> None:
+        super().__init__(reduction=reduction)
         self.gamma = check_range("gamma", gamma, 0.0)
 
     def dense_loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -251,8 +278,10 @@ class FLSD53(CalibrationLoss):
         gamma_low: Annotated[float, "gamma when p_y >= threshold"] = 3.0,
         gamma_high: Annotated[float, "gamma when p_y < threshold"] = 5.0,
         threshold: Annotated[float, "probability threshold"] = 0.2,
+        *,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction)
         self.gamma_low = check_range("gamma_low", gamma_low, 0.0)
         self.gamma_high = check_range("gamma_high", gamma_high, 0.0)
         self.threshold = check_range("threshold", threshold, 0.0, 1.0)
@@ -285,8 +314,10 @@ class DualFocalLoss(CalibrationLoss):
         gamma: focusing parameter >= 0 (paper: 2 for CIFAR-10 ResNet-50).
     """
 
-    def __init__(self, gamma: Annotated[float, "focusing parameter >= 0"] = 2.0) -> None:
-        super().__init__()
+    def __init__(
+        self, gamma: Annotated[float, "focusing parameter >= 0"] = 2.0, *, reduction: str = "mean"
+    ) -> None:
+        super().__init__(reduction=reduction)
         self.gamma = check_range("gamma", gamma, 0.0)
 
     def dense_loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -300,8 +331,11 @@ class GradientBSCE(CalibrationLoss):
     """BSCE-GRA: ``-sg(||t - p||_beta^gamma) * sum_k t_k log p_k``.
 
     From the unified focal-loss framework of arXiv 2503.22725: the Brier-style weight only scales
-    the cross-entropy gradient (stop-gradient). The defaults beta = 2, gamma = 2 are an
-    [unverified] choice.
+    the cross-entropy gradient (stop-gradient). Defaults beta = 1 (norm order) and gamma = 1, the
+    reference code's defaults (issue 13's reading of the BSCE-GRA repository; see
+    ``docs/fidelity.md``). The reference sums the loss over the batch; we average (every loss
+    here is a batch mean, so one learning rate serves every method; a sum is the mean times the
+    batch size, i.e. a 64x larger step at our batch size).
 
     Args:
         beta: order of the norm, > 0.
@@ -310,10 +344,12 @@ class GradientBSCE(CalibrationLoss):
 
     def __init__(
         self,
-        beta: Annotated[float, "norm order > 0"] = 2.0,
-        gamma: Annotated[float, "focusing parameter >= 0"] = 2.0,
+        beta: Annotated[float, "norm order > 0"] = 1.0,
+        gamma: Annotated[float, "focusing parameter >= 0"] = 1.0,
+        *,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction)
         self.beta = check_range("beta", beta, 0.0, low_open=True)
         self.gamma = check_range("gamma", gamma, 0.0)
 
@@ -344,16 +380,17 @@ class MMCELoss(CalibrationLoss):
         self,
         weight: Annotated[float, "regulariser weight >= 0"] = 2.0,
         bandwidth: Annotated[float, "Laplacian kernel width > 0"] = 0.4,
+        *,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction)
         self.weight = check_range("weight", weight, 0.0)
         self.bandwidth = check_range("bandwidth", bandwidth, 0.0, low_open=True)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits = logits.float()
         t = dense_target(target, logits)
-        ce = _soft_ce(logits, t).mean()
-        return ce + self.weight * self.mmce(logits, t)
+        return self.reduce(_soft_ce(logits, t) + self.weight * self.mmce(logits, t))
 
     def mmce(self, logits: Tensor, target: Tensor) -> Tensor:
         """The (square-rooted) MMCE penalty of a batch."""
@@ -370,23 +407,28 @@ class MarginLabelSmoothing(CalibrationLoss):
     """MbLS: cross-entropy plus ``weight * sum_k max(0, max_j z_j - z_k - margin)``.
 
     Liu et al., "The Devil is in the Margin: Margin-based Label Smoothing for Network
-    Calibration", CVPR 2022. The paper writes the penalty as a sum over classes (the default,
-    as in our spec); the reference code averages over classes, which ``class_reduction="mean"``
-    reproduces (equivalently ``weight / K``).
+    Calibration", CVPR 2022; reference code ``by-liu/MbLS``, ``calibrate/losses/logit_margin_l1.py``
+    (``LogitMarginL1``: ``F.relu(diff - margin).mean()`` over the ``(N, K)`` distances, i.e. the
+    mean over classes and batch). ``class_reduction="mean"`` (the default) reproduces it; the
+    paper's equation writes a sum over classes, ``class_reduction="sum"`` (K times stronger).
 
     Args:
         margin: tolerated logit distance m >= 0 (default 10).
         weight: lambda >= 0 (default 0.1).
-        class_reduction: ``"sum"`` or ``"mean"`` over classes.
+        class_reduction: ``"mean"`` (reference code) or ``"sum"`` (paper equation) over classes.
     """
 
     def __init__(
         self,
         margin: Annotated[float, "logit margin >= 0"] = 10.0,
         weight: Annotated[float, "regulariser weight >= 0"] = 0.1,
-        class_reduction: Annotated[str, "penalty over classes: sum (paper) or mean"] = "sum",
+        class_reduction: Annotated[
+            str, "penalty over classes: mean (reference code) or sum"
+        ] = "mean",
+        *,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction)
         self.margin = check_range("margin", margin, 0.0)
         self.weight = check_range("weight", weight, 0.0)
         self.class_reduction = check_choice("class_reduction", class_reduction, ("sum", "mean"))
@@ -421,8 +463,10 @@ class ClueLoss(CalibrationLoss):
         self,
         alpha: Annotated[float, "weight of the error term in [0, 1]"] = 0.5,
         mode: Annotated[str, "statistic alignment: batch_mean or per_sample"] = "batch_mean",
+        *,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction)
         self.alpha = check_range("alpha", alpha, 0.0, 1.0)
         self.mode = check_choice("mode", mode, ("batch_mean", "per_sample"))
 
@@ -439,9 +483,8 @@ class ClueLoss(CalibrationLoss):
         err = _soft_ce(logits, t)
         probs = F.softmax(logits, dim=1) if mc_probs is None else mc_probs.float()
         u = entropy(probs)
-        if self.mode == "batch_mean":
-            return self.alpha * err.mean() + (1.0 - self.alpha) * (err.mean() - u.mean()) ** 2
-        return (self.alpha * err + (1.0 - self.alpha) * (err - u) ** 2).mean()
+        gap = err.mean() - u.mean() if self.mode == "batch_mean" else err - u
+        return self.reduce(self.alpha * err + (1.0 - self.alpha) * gap**2)
 
 
 LOSSES: dict[str, type[CalibrationLoss]] = {
@@ -482,17 +525,26 @@ def correctness_ranking_loss(confidence: Tensor, correctness: Tensor) -> Tensor:
     return F.relu(-sign * (confidence - k_j) + (correctness - c_j).abs()).mean()
 
 
-def supcon_loss(embeddings: Tensor, labels: Tensor, temperature: float = 0.1) -> Tensor:
+def supcon_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    temperature: float = 0.1,
+    base_temperature: float | None = None,
+) -> Tensor:
     """Supervised contrastive loss ``L_out`` (Khosla et al., NeurIPS 2020).
 
     For every anchor ``i`` with positives ``P(i)`` (other rows with the same label):
-    ``-1/|P(i)| sum_{p in P(i)} log(exp(z_i.z_p / tau) / sum_{a != i} exp(z_i.z_a / tau))``,
-    averaged over anchors that have a positive. No ``tau / base_tau`` rescaling.
+    ``-(tau / base_tau) / |P(i)| sum_{p in P(i)} log(exp(z_i.z_p / tau) / sum_{a != i}
+    exp(z_i.z_a / tau))``, averaged over anchors that have a positive. The ``tau / base_tau``
+    factor is the reference code's (``SupConLoss`` in HobbitLong/SupContrast ``losses.py``, which
+    RefCal's ``main_refcal.py`` uses, ``base_temperature=0.07``); ``base_temperature=None``
+    leaves it out (factor 1).
 
     Args:
         embeddings: ``(M, D)`` L2-normalised embeddings (e.g. two views stacked).
         labels: ``(M,)`` integer labels.
         temperature: tau > 0.
+        base_temperature: base_tau > 0 of the ``tau / base_tau`` scale, or None (no scale).
 
     Returns:
         Scalar loss.
@@ -510,4 +562,5 @@ def supcon_loss(embeddings: Tensor, labels: Tensor, temperature: float = 0.1) ->
     per_anchor = -pos_log_prob[has_pos] / n_pos[has_pos]
     if per_anchor.numel() == 0:
         return z.sum() * 0.0
-    return per_anchor.mean()
+    scale = 1.0 if base_temperature is None else temperature / base_temperature
+    return scale * per_anchor.mean()

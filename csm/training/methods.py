@@ -67,7 +67,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from csm.errors import CSMError
-from csm.training.batch_transforms import Mixup, RankMixupTransform, RegMixupTransform
+from csm.training.batch_transforms import (
+    Mixup,
+    RankMixupTransform,
+    RegMixupTransform,
+    SupConViews,
+)
 from csm.training.losses import (
     LOSSES,
     BrierScore,
@@ -169,6 +174,11 @@ class Stage:
         trains_classifier: The stage trains the classifier, so its epochs are validated and
             take part in model selection.
         name: Short label (logs).
+        lr: The stage's peak learning rate, or None for the run's ``--lr`` (RefCal's stage 2:
+            5, as its reference). The trainer must build this stage's optimiser and schedule
+            with it.
+        weight_decay: The stage's weight decay, or None for the run's ``--weight-decay``
+            (RefCal's stage 2: 0).
     """
 
     epochs: int
@@ -177,6 +187,8 @@ class Stage:
     augment: bool = True
     trains_classifier: bool = True
     name: str = "train"
+    lr: float | None = None
+    weight_decay: float | None = None
 
 
 def declared_params(fn: Callable[..., Any]) -> dict[str, Param]:
@@ -551,14 +563,23 @@ class RegMixupMethod(MixupMethod):
 class RankMixupMethod(MixupMethod):
     """RankMixup (Noh et al., ICCV 2023) with the mixup ranking loss (MRL).
 
-    ``CE(clean) + weight * mean_i ReLU(max_k z~_ik - max_k z_ik + margin)``: the top logit of a
-    mixed image must sit at least ``margin`` below that of its clean source ``i`` (the image
-    carrying weight ``lam``). The M-NDCG variant is not implemented.
+    ``CE(clean) + weight * (1/N) sum_i mask_i ReLU(max_k z~_ik - max_k z_ik + margin)``: the top
+    logit of a mixed image must sit at least ``margin`` below that of its clean source ``i`` (the
+    image carrying weight ``lam``). As in the reference (cvlab-yonsei/RankMixup
+    ``calibrate/losses/rankmixup.py``, ``RankMixup_MRL``), ``mask_i`` is 0 when the mixed target
+    of row ``i`` is still one-hot (the partner is the image itself or has the same label, or
+    ``lam`` is 0 or 1): such a pair is not a mix, so it is never ranked; the mean still divides
+    by N. Clean and mixed images go through separate forwards (``model(inputs)`` then
+    ``forward_multimixup`` in the reference's ``calibrate/engine/trainer.py``), so BatchNorm
+    normalises each with its own statistics; ``joint_forward=True`` concatenates them. Defaults
+    from the reference's CIFAR configs: alpha 2 (``configs/model/resnet50_mixup.yaml``), margin 2
+    and weight 0.1 (``configs/loss/mrl.yaml``). The M-NDCG variant is not implemented.
 
     Args:
-        alpha: Beta concentration > 0 (default 1.0, [unverified]).
+        alpha: Beta concentration > 0 (default 2.0).
         margin: m >= 0 (default 2).
         weight: w >= 0 (default 0.1).
+        joint_forward: forward clean and mixed images as one batch (default False).
     """
 
     name = "rankmixup"
@@ -566,23 +587,38 @@ class RankMixupMethod(MixupMethod):
 
     def __init__(
         self,
-        alpha: Annotated[float, "Beta(alpha, alpha) concentration > 0"] = 1.0,
+        alpha: Annotated[float, "Beta(alpha, alpha) concentration > 0"] = 2.0,
         margin: Annotated[float, "ranking margin >= 0"] = 2.0,
         weight: Annotated[float, "weight of the ranking term >= 0"] = 0.1,
+        joint_forward: Annotated[bool, "forward clean and mixed images as one batch"] = False,
     ) -> None:
         super().__init__(alpha)
         self.margin = check_range("margin", margin, 0.0)
         self.weight = check_range("weight", weight, 0.0)
+        self.joint_forward = bool(joint_forward)
+
+    @staticmethod
+    def ranking_loss(
+        clean_logits: Tensor, mixed_logits: Tensor, mixed_target: Tensor, margin: float
+    ) -> Tensor:
+        """MRL: ``(1/N) sum_i mask_i ReLU(max z~_i - max z_i + margin)``; ``mask_i = 0`` where
+        ``mixed_target`` row i is one-hot (within 1e-6), i.e. row i was not really mixed."""
+        gap = mixed_logits.float().max(dim=1).values - clean_logits.float().max(dim=1).values
+        mixed = (mixed_target.max(dim=1).values < 1.0 - 1e-6).to(gap.dtype)
+        return (mixed * F.relu(gap + margin)).mean()
 
     def compute_loss(
         self, model: nn.Module, batch: Batch, state: StepState | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        _, x_mixed, _ = self._mix(model, batch, state)
+        _, x_mixed, y_mixed = self._mix(model, batch, state)
         n = batch.x.shape[0]
-        logits = model(torch.cat([batch.x, x_mixed])).float()
-        clean = self.ce(logits[:n], batch.y)
-        gap = logits[n:].max(dim=1).values - logits[:n].max(dim=1).values
-        mrl = F.relu(gap + self.margin).mean()
+        if self.joint_forward:
+            logits = model(torch.cat([batch.x, x_mixed])).float()
+            clean_logits, mixed_logits = logits[:n], logits[n:]
+        else:
+            clean_logits, mixed_logits = model(batch.x).float(), model(x_mixed).float()
+        clean = self.ce(clean_logits, batch.y)
+        mrl = self.ranking_loss(clean_logits, mixed_logits, y_mixed, self.margin)
         loss = clean + self.weight * mrl
         return loss, _detach({"loss": loss, "loss/ce": clean, "loss/mrl": mrl})
 
@@ -670,28 +706,44 @@ class _FrozenEncoder(nn.Module):
 class RefCalMethod(Method):
     """RefCal (arXiv 2605.23249): refinement-first training in two stages.
 
+    Reference code: rhebbalaguppe/RefCal (``main_refcal.py`` for stage 1, ``main_linear.py`` for
+    stage 2; its ``ReadMe.md`` runs stage 2 with ``--learning_rate 5``, and ``main_linear.py``'s
+    default weight decay is 0).
+
     Stage 1 trains the encoder with the supervised contrastive loss (Khosla et al., 2020;
-    tau = ``temperature``) on two augmented views of each image, through an L2-normalised
-    projection head ``Linear(D, D) -> ReLU -> Linear(D, proj_dim)`` owned by the method (returned
-    by :meth:`extra_modules`; the trainer optimises it with the model). The paper derives this
-    loss from the refinement objective
-    ``sum_i [min_p 1/2 ||z_i - z_p||^2 - min_n 1/2 ||z_i - z_n||^2]``. Stage 2 trains
-    ``model.head`` on the frozen encoder (eval mode, no gradient) with ``stage2_method``
-    (any method but refcal: ce, ls, mmce, crl, ...), whose hyper-parameters come from the same
-    flat dict (:meth:`from_params`).
+    tau = ``temperature``, scaled by ``tau / base_temperature`` as the reference's ``SupConLoss``)
+    on two views of each image, through an L2-normalised projection head
+    ``Linear(D, D) -> ReLU -> Linear(D, proj_dim)`` owned by the method (returned by
+    :meth:`extra_modules`; the trainer optimises it with the model). With ``views="simclr"``
+    (default) each view is the trainer's augmentation (crop with padding, flip where the dataset
+    allows it) followed by :class:`~csm.training.batch_transforms.SupConViews` (random resized
+    crop, colour jitter, random grayscale, the reference's view transform); ``views="trainer"``
+    uses the trainer's augmentation alone. The paper derives this loss from the refinement
+    objective ``sum_i [min_p 1/2 ||z_i - z_p||^2 - min_n 1/2 ||z_i - z_n||^2]``. Stage 2 trains
+    ``model.head`` on the frozen encoder (eval mode, no gradient) with ``stage2_method`` (any
+    method but refcal: ce, ls, mmce, crl, ...), whose hyper-parameters come from the same flat
+    dict (:meth:`from_params`), at learning rate ``head_lr`` and weight decay
+    ``head_weight_decay`` (:attr:`Stage.lr`, :attr:`Stage.weight_decay`; 0 keeps the run's
+    value for ``head_lr``).
 
     Multi-process training: stage 1 leaves the head unused and stage 2 the encoder, and the
     projection head is not part of the model. The trainer therefore wraps model and projection
     (:meth:`all_modules`) in one module whose forward is the stage's loss
     (:class:`csm.training.trainer.StepModule`) and prepares it with
     ``find_unused_parameters=True``. The SupCon loss of a process sees only its own rows'
-    positives, so unlike a per-sample mean it depends on the number of processes.
+    positives, so unlike a per-sample mean it depends on the number of processes; the
+    :class:`SupConViews` draws come from the method's generator, which every process seeds alike.
 
     Args:
-        temperature: SupCon tau > 0 (default 0.1).
+        temperature: SupCon tau > 0 (default 0.1, the reference README's ``--temp 0.1``).
         proj_dim: projection size >= 1 (default 128).
         stage2_method: method for stage 2 (default ``"ce"``).
         pretrain_fraction: share of the epochs spent in stage 1, in (0, 1) (default 0.5).
+        base_temperature: SupCon base tau of the ``tau / base_tau`` scale (default 0.07, the
+            reference's); 0 leaves the scale out.
+        head_lr: stage-2 peak learning rate (default 5, the reference's); 0 uses ``--lr``.
+        head_weight_decay: stage-2 weight decay >= 0 (default 0, the reference's).
+        views: stage-1 views, ``"simclr"`` (default) or ``"trainer"``.
         stage2_params: hyper-parameters of the stage-2 method.
     """
 
@@ -703,6 +755,10 @@ class RefCalMethod(Method):
         proj_dim: Annotated[int, "projection head output size"] = 128,
         stage2_method: Annotated[str, "stage-2 method on the frozen encoder (ce, ls, ...)"] = "ce",
         pretrain_fraction: Annotated[float, "share of the epochs in stage 1, in (0, 1)"] = 0.5,
+        base_temperature: Annotated[float, "SupCon base temperature (0: no tau/base scale)"] = 0.07,
+        head_lr: Annotated[float, "stage-2 learning rate (reference 5; 0: the run's --lr)"] = 5.0,
+        head_weight_decay: Annotated[float, "stage-2 weight decay (reference 0)"] = 0.0,
+        views: Annotated[str, "stage-1 views: simclr (reference) or trainer"] = "simclr",
         stage2_params: Mapping[str, Any] | None = None,
     ) -> None:
         self.temperature = check_range("temperature", temperature, 0.0, low_open=True)
@@ -715,6 +771,11 @@ class RefCalMethod(Method):
                 f"pretrain_fraction={self.pretrain_fraction}: out of range; must be "
                 "< 1 so stage 2 gets epochs"
             )
+        self.base_temperature = check_range("base_temperature", base_temperature, 0.0)
+        self.head_lr = check_range("head_lr", head_lr, 0.0)
+        self.head_weight_decay = check_range("head_weight_decay", head_weight_decay, 0.0)
+        self.views = check_choice("views", views, ("simclr", "trainer"))
+        self.view_transform = SupConViews() if self.views == "simclr" else None
         choices = tuple(n for n in METHODS if n != "refcal")
         self.stage2_method = check_choice("stage2_method", stage2_method, choices)
         self.inner = METHODS[self.stage2_method].from_params(stage2_params)
@@ -754,7 +815,12 @@ class RefCalMethod(Method):
                 name="supcon",
             ),
             Stage(
-                second, lambda model: self.stage_parameters(model, 2), self._head_step, name="head"
+                second,
+                lambda model: self.stage_parameters(model, 2),
+                self._head_step,
+                name="head",
+                lr=self.head_lr or None,
+                weight_decay=self.head_weight_decay,
             ),
         ]
 
@@ -803,14 +869,15 @@ class RefCalMethod(Method):
         augment: Callable[[Tensor], Tensor] | None = None,
         state: StepState | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Stage-1 SupCon loss on two augmented views of ``batch.x``.
+        """Stage-1 SupCon loss on two views of ``batch.x`` (see the class docstring).
 
         Args:
             model: the classifier (its ``forward_features`` is the encoder).
             batch: real images and integer labels.
             augment: ``augment(x) -> x'`` random augmentation (the trainer binds its generator);
                 defaults to ``self.augment``.
-            state: unused; accepted for symmetry with :meth:`compute_loss`.
+            state: its ``generator`` drives the :class:`SupConViews` draws (None: torch's global
+                generator).
 
         Returns:
             ``(loss, logs)``.
@@ -822,14 +889,25 @@ class RefCalMethod(Method):
                 "(pass augment= or set method.augment)"
             )
         projection = self.extra_modules(model)[0]
-        views = torch.cat([augment(batch.x), augment(batch.x)])
+        generator = state.generator if state is not None else None
+        views = torch.cat([self._view(augment, batch.x, generator) for _ in range(2)])
         feats = unwrap(model).forward_features(views)
         if projection[0].weight.device != feats.device:
             projection.to(feats.device)  # in place: the optimizer keeps the same parameters
         z = F.normalize(projection(feats).float(), dim=1)
         labels = batch.y.argmax(dim=1) if batch.y.is_floating_point() else batch.y
-        loss = supcon_loss(z, torch.cat([labels, labels]), self.temperature)
+        base = self.base_temperature or None
+        loss = supcon_loss(z, torch.cat([labels, labels]), self.temperature, base)
         return loss, _detach({"loss": loss, "loss/supcon": loss})
+
+    def _view(
+        self, augment: Callable[[Tensor], Tensor], x: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        """One stage-1 view: the trainer's augmentation, then the SupCon view transform."""
+        view = augment(x)
+        if self.view_transform is None:
+            return view
+        return self.view_transform(view, generator)
 
     def compute_loss(
         self, model: nn.Module, batch: Batch, state: StepState | None = None

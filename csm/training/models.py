@@ -19,9 +19,11 @@ Architectures (:data:`MODELS`):
 - ``densenet121``: DenseNet-BC-121 with a CIFAR stem (Huang et al., "Densely Connected
   Convolutional Networks", CVPR 2017).
 - ``hf:<config>``: any ``transformers`` image-classification architecture built from a config (a
-  local folder or ``config.json``, or a cached hub id). It is built from the config only (random
-  weights, ``trust_remote_code=False``); the resolved config is recorded so that a saved run
-  rebuilds offline.
+  local folder or ``config.json``, or a cached hub id), with random weights, or, with the model
+  option ``pretrained=true`` (``--model-options pretrained=true``), starting from the folder's or
+  Hub model's weights (``from_pretrained``; a head of another size is initialised afresh). Always
+  ``trust_remote_code=False``; the resolved config is recorded so that a saved run rebuilds
+  offline. Needs the ``hf`` extra (``pip install 'csm[hf]'``).
 
 :func:`build_model` is the single entry point; :func:`model_spec` returns the JSON-able record
 (``arch`` + build kwargs) that :func:`build_model_from_spec` turns back into the same network.
@@ -410,12 +412,38 @@ class DenseNet(ImageClassifier):
 # --------------------------------------------------------------------------------------------
 # transformers image classifiers
 # --------------------------------------------------------------------------------------------
+def import_transformers(what: str) -> Any:
+    """The ``transformers`` module, or a one-line :class:`CSMError` naming the ``hf`` extra.
+
+    Args:
+        what: The option that needs it (e.g. ``"model 'hf:google/vit-base-patch16-224'"``).
+    """
+    try:
+        import transformers
+    except ImportError as exc:
+        raise CSMError(
+            f"{what}: needs the transformers package, which is not installed; "
+            "install the extra: pip install 'csm[hf]'"
+        ) from exc
+    return transformers
+
+
 class HFImageClassifier(ImageClassifier):
-    """Wraps a ``transformers`` ``AutoModelForImageClassification`` built from a config.
+    """Wraps a ``transformers`` ``AutoModelForImageClassification``: from a config, or pretrained.
 
     The penultimate features are the input of the model's final ``nn.Linear`` (captured with a
     forward pre-hook), so the wrapper works for any architecture whose classifier ends in a linear
     layer applied to a pooled feature vector (ViT, DeiT, ConvNeXt, ResNet, Swin, ...).
+
+    Args:
+        num_classes: Number of classes K.
+        in_channels: Image channels C.
+        mean: Per-channel normalisation mean.
+        std: Per-channel normalisation std.
+        hf_config: The resolved transformers config (``model_spec``'s ``options.hf_config``).
+        pretrained: A folder or Hub id (cached offline) whose weights initialise the network
+            (``from_pretrained``; layers whose shape the config changed, e.g. the K-way head,
+            are initialised afresh from torch's RNG). ``None``: random initialisation.
     """
 
     def __init__(
@@ -425,16 +453,29 @@ class HFImageClassifier(ImageClassifier):
         mean: Sequence[float],
         std: Sequence[float],
         hf_config: dict[str, Any],
+        pretrained: str | None = None,
     ) -> None:
         super().__init__(mean, std)
-        from transformers import AutoConfig, AutoModelForImageClassification
-
+        transformers = import_transformers("model 'hf:'")
         cfg_dict = dict(hf_config)
         model_type = cfg_dict.pop("model_type", None)
         if model_type is None:
             raise CSMError("hf config: has no 'model_type'; pass a transformers config.json")
-        config = AutoConfig.for_model(model_type, **cfg_dict)
-        self.net = AutoModelForImageClassification.from_config(config, trust_remote_code=False)
+        config = transformers.AutoConfig.for_model(model_type, **cfg_dict)
+        auto = transformers.AutoModelForImageClassification
+        if pretrained:
+            try:
+                self.net = auto.from_pretrained(
+                    pretrained, config=config, ignore_mismatched_sizes=True, trust_remote_code=False
+                )
+            except (OSError, ValueError) as err:
+                raise CSMError(
+                    f"hf:{pretrained}: cannot load pretrained weights ({type(err).__name__}); pass "
+                    "a folder made with save_pretrained or a Hub id already in the cache, or drop "
+                    "pretrained=true"
+                ) from err
+        else:
+            self.net = auto.from_config(config, trust_remote_code=False)
         head = _find_head(self.net, num_classes)
         self.head = head
         self._captured: torch.Tensor | None = None
@@ -478,7 +519,7 @@ def resolve_hf_config(
     Raises:
         CSMError: The config cannot be found or is not a transformers config.
     """
-    from transformers import AutoConfig
+    AutoConfig = import_transformers(f"model 'hf:{source}'").AutoConfig  # noqa: N806
 
     path = Path(source)
     try:
@@ -575,14 +616,31 @@ def model_spec(
     }
 
 
-def build_model_from_spec(spec: dict[str, Any]) -> ImageClassifier:
-    """Build the network described by a :func:`model_spec` record (random weights)."""
+def build_model_from_spec(spec: dict[str, Any], load_pretrained: bool = True) -> ImageClassifier:
+    """Build the network described by a :func:`model_spec` record.
+
+    Args:
+        spec: The record.
+        load_pretrained: For ``hf:<id>`` with option ``pretrained=true``: start from the Hub /
+            folder weights (training). ``False`` skips that download when the weights are
+            replaced anyway (loading a saved run).
+
+    Returns:
+        The network: random weights from torch's RNG, or the pretrained ones.
+    """
     arch = spec["arch"]
     _check_arch(arch)
     args = (spec["num_classes"], spec["in_channels"], spec["mean"], spec["std"])
     options = dict(spec.get("options") or {})
     if arch.startswith("hf:"):
-        return HFImageClassifier(*args, hf_config=options["hf_config"])
+        pretrained = options.pop("pretrained", False)
+        if not isinstance(pretrained, bool):
+            raise CSMError(f"model option pretrained={pretrained!r}: use pretrained=true or false")
+        unknown = sorted(set(options) - {"hf_config"})
+        if unknown:
+            raise CSMError(f"model options {unknown}: not accepted by hf: models (only pretrained)")
+        source = arch[3:] if pretrained and load_pretrained else None
+        return HFImageClassifier(*args, hf_config=options["hf_config"], pretrained=source)
     try:
         return MODELS[arch](*args, **options)
     except TypeError as err:

@@ -13,7 +13,10 @@ Layout (``out``)::
                         metric rows, best epoch) and method_<rank>.safetensors (method state)
 
 :func:`save_run` writes a finished run's files, :func:`load_run` reloads one (model in eval mode on
-the CPU), :func:`prepare_run_dir` checks an ``out`` folder against ``--resume``/``--overwrite``,
+the CPU), :func:`prepare_run_dir` checks an ``out`` folder against ``--resume``/``--overwrite``
+(writing nothing), :func:`claim_run_dir` takes it once every input is valid (the ownership marker
+of :func:`csm.utils.claim_output`), :func:`discard_failed_run` removes a run that failed before
+its first checkpoint,
 :func:`save_checkpoint` / :func:`load_checkpoint` write and restore the resume state (through
 ``Accelerator.save_state`` / ``load_state``; accelerate reads weights with safetensors and the
 optimizer with ``torch.load(weights_only=True)``; nothing is registered with
@@ -40,12 +43,21 @@ from csm.config import config_to_dict, load_config, save_config
 from csm.errors import CSMError
 from csm.training.config import TrainConfig
 from csm.training.models import ImageClassifier, build_model_from_spec
-from csm.utils import atomic_path, atomic_write_text
+from csm.utils import (
+    OWNER_FILE,
+    atomic_path,
+    atomic_write_text,
+    check_output,
+    claim_output,
+    clean_temp_files,
+)
 
 __all__ = [
     "NOT_IDENTITY",
     "RUN_FILES",
     "LoadedRun",
+    "claim_run_dir",
+    "discard_failed_run",
     "has_checkpoint",
     "identity_diffs",
     "load_checkpoint",
@@ -148,7 +160,7 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     config = load_config(TrainConfig, run_dir / "config.yaml")
     class_names = read_json(run_dir / "class_names.json")
     spec = read_json(run_dir / "model.json")
-    model = build_model_from_spec(spec)
+    model = build_model_from_spec(spec, load_pretrained=False)  # the run's own weights follow
     try:
         state = load_file(str(run_dir / "model.safetensors"))
     except Exception as err:  # safetensors raises several types for corrupt files
@@ -227,23 +239,38 @@ CHECKPOINT = Path("checkpoints") / "last"
 
 
 def has_checkpoint(out: str | os.PathLike) -> bool:
-    """Whether run folder ``out`` holds a complete resume state."""
-    return (Path(out) / CHECKPOINT / "loop.json").is_file()
+    """Whether run folder ``out`` holds a complete resume state.
+
+    A save killed between its two renames leaves the previous state as ``checkpoints/.last.old``
+    and no ``last``; that state counts (:func:`claim_run_dir` moves it back).
+    """
+    ckpts = Path(out) / "checkpoints"
+    return (ckpts / "last" / "loop.json").is_file() or (ckpts / ".last.old" / "loop.json").is_file()
+
+
+def _recover_checkpoint(out: Path) -> None:
+    """Move back the previous state a save killed between its renames left as ``.last.old``."""
+    final, old = out / CHECKPOINT, out / "checkpoints" / ".last.old"
+    if not final.exists() and (old / "loop.json").is_file():
+        old.rename(final)
 
 
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
-    """Check ``out`` against ``resume``/``overwrite``; returns (dir, resuming)."""
+    """Check ``out`` against ``resume``/``overwrite`` without writing; returns (dir, resuming).
+
+    ``out`` may be new or empty, or a folder :data:`csm.utils.OWNER_FILE` marks as a training
+    run (or a run written before the markers). A run folder without ``config.yaml`` holds only an
+    interrupted first write: it is started again with or without ``--resume``/``--overwrite``.
+
+    Raises:
+        CSMError: ``out`` is a file, holds other files or another command's output, holds a run
+            and neither ``--resume`` (same settings) nor ``--overwrite`` was given.
+    """
     out = Path(cfg.out)
-    existing = out.is_dir() and any(out.iterdir())
-    if not existing:
+    if not check_output(out, "run", overwrite=cfg.overwrite, resume=cfg.resume):
         return out, False
-    if not (out / "config.yaml").is_file():
-        raise CSMError(
-            f"--out {out}: folder is not empty and holds no training run; choose another --out "
-            "(--overwrite only replaces a training run)"
-        )
-    if cfg.overwrite:
-        return out, False
+    if not (out / "config.yaml").is_file() or cfg.overwrite:
+        return out, False  # an interrupted first write, or a run to replace
     old = load_config(TrainConfig, out / "config.yaml")
     diffs = identity_diffs(old, cfg)
     if cfg.resume:
@@ -258,6 +285,42 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, bool]:
         f"--out {out}: already holds {what} ({old.method}/{old.model} on {old.dataset}); "
         "pass --resume to continue it or --overwrite to replace it"
     )
+
+
+def claim_run_dir(cfg: TrainConfig, resuming: bool) -> Path:
+    """Take ``out`` for this run (main process, after every input was validated).
+
+    Writes the ownership marker; ``--overwrite`` (or a fresh start over an interrupted first
+    write or a run without a checkpoint) removes the old run's files first; temporary files of
+    interrupted writes are removed.
+    """
+    out = Path(cfg.out)
+    claim_output(out, "run", overwrite=cfg.overwrite, resume=cfg.resume)
+    if resuming:
+        _recover_checkpoint(out)
+    else:
+        remove_run(out)
+    return out
+
+
+def discard_failed_run(out: Path, created: bool) -> None:
+    """After a run failed before its first checkpoint, remove what it wrote.
+
+    Args:
+        out: The run folder.
+        created: The folder was new or empty before this run (then it is removed entirely, so
+            a retry with other settings starts from a clean slate).
+    """
+    if has_checkpoint(out):
+        return
+    remove_run(out)
+    if created:
+        (out / OWNER_FILE).unlink(missing_ok=True)
+        clean_temp_files(out)
+        try:
+            out.rmdir()
+        except OSError:
+            pass
 
 
 def remove_run(out: Path) -> None:

@@ -7,9 +7,23 @@ from typing import Any
 import torch
 
 from csm.errors import CSMError
-from csm.training.config import TrainConfig
+from csm.training.config import MEMBER_ORDERS, TrainConfig
 
-__all__ = ["SyntheticSampler", "check_synthetic_matches", "load_synthetic_for"]
+__all__ = [
+    "SyntheticSampler",
+    "check_synthetic_matches",
+    "load_synthetic_for",
+    "member_rank",
+]
+
+
+def member_rank(
+    soft_labels: torch.Tensor, class_a: torch.Tensor, class_b: torch.Tensor
+) -> torch.Tensor:
+    """``soft[a] - soft[b]`` of every synthetic image: how much more it looks like ``a``."""
+    rows = torch.arange(soft_labels.shape[0])
+    soft = soft_labels.float()
+    return soft[rows, class_a.long()] - soft[rows, class_b.long()]
 
 
 class SyntheticSampler:
@@ -17,9 +31,16 @@ class SyntheticSampler:
 
     For every real image of class ``y``: ``groups`` synthetic groups whose pair ``(a, b)``
     contains ``y`` are drawn uniformly (with replacement); from each, the endpoint dominated by
-    ``y`` (the member with the largest λ if ``y == a``, the smallest if ``y == b``) when
-    ``endpoint`` is set, plus ``interior`` distinct random interior members (0 < rank < G-1 in
-    λ order). The paper uses one group, the endpoint and one interior member.
+    ``y`` when ``endpoint`` is set, plus ``interior`` distinct random interior members
+    (0 < rank < G-1). The paper uses one group, the endpoint and one interior member.
+
+    Member order: with ``rank`` given (what :func:`load_synthetic_for` passes by default: the
+    *reannotated* ``soft[a] - soft[b]`` of every image), a group's members are sorted by it, so
+    the endpoint of ``y == a`` is the member the reannotation says looks most like ``a`` (the
+    largest ``soft[a] - soft[b]``) and that of ``y == b`` the one most like ``b``, as the CSM
+    reference code does (issue 13's reading of E-Galois/CSM; see ``docs/fidelity.md``). Without
+    ``rank`` the members are sorted by the generation ratio λ (largest λ = pure ``a``). Ties keep
+    λ order.
 
     Args:
         group_id: ``(N,)`` group of every synthetic image.
@@ -30,6 +51,8 @@ class SyntheticSampler:
         groups: Groups drawn per real image.
         endpoint: Take the endpoint dominated by the real image's class.
         interior: Interior members taken per drawn group.
+        rank: ``(N,)`` score of ``class_a`` over ``class_b`` that orders a group's members
+            (None: order by ``lam``).
 
     Raises:
         CSMError: A class appears in no group, or groups have too few interior members.
@@ -45,10 +68,17 @@ class SyntheticSampler:
         groups: int = 1,
         endpoint: bool = True,
         interior: int = 1,
+        rank: torch.Tensor | None = None,
     ) -> None:
         self.groups, self.endpoint, self.interior = groups, endpoint, interior
-        # sort rows by (group, lam): lam first, then a stable sort by group
+        # sort rows by (group, rank, lam): lam first, then stable sorts by rank and by group
         order = torch.argsort(lam, stable=True)
+        if rank is not None:
+            if rank.shape != lam.shape:
+                raise ValueError(
+                    f"rank: expected shape {tuple(lam.shape)}, got {tuple(rank.shape)}"
+                )
+            order = order[torch.argsort(rank[order], stable=True)]
         order = order[torch.argsort(group_id[order], stable=True)]
         uniq, inverse, counts = torch.unique_consecutive(
             group_id[order], return_inverse=True, return_counts=True
@@ -62,8 +92,8 @@ class SyntheticSampler:
         self.class_a = class_a[first]
         self.class_b = class_b[first]
         sizes = counts.long()
-        self.end_b = first  # smallest lam: pure class b
-        self.end_a = members[torch.arange(n_groups), sizes - 1]  # largest lam: pure class a
+        self.end_b = first  # lowest rank: most like class b
+        self.end_a = members[torch.arange(n_groups), sizes - 1]  # highest rank: most like a
         self.n_interior = (sizes - 2).clamp(min=0)
         self.interior_members = (
             members[:, 1 : max(1, max_size - 1)]
@@ -127,6 +157,14 @@ def load_synthetic_for(cfg: TrainConfig, real: Any) -> tuple[Any, SyntheticSampl
     # DIR or an unknown NAME is one CSMError naming --synthetic and listing the names
     syn = load_synthetic_tensors(cfg.synthetic, option="--synthetic")
     check_synthetic_matches(syn, real.class_names, real.image_shape, cfg.synthetic)
+    order = cfg.syn_member_order
+    if order not in MEMBER_ORDERS:
+        raise CSMError(
+            f"--syn-member-order {order!r}: unknown; use one of {', '.join(MEMBER_ORDERS)}"
+        )
+    rank = (
+        member_rank(syn.soft_labels, syn.class_a, syn.class_b) if order == "reannotated" else None
+    )
     sampler = SyntheticSampler(
         syn.group_id,
         syn.lam,
@@ -136,6 +174,7 @@ def load_synthetic_for(cfg: TrainConfig, real: Any) -> tuple[Any, SyntheticSampl
         cfg.syn_groups,
         cfg.syn_endpoint,
         cfg.syn_interior,
+        rank=rank,
     )
     return syn, sampler
 

@@ -56,19 +56,27 @@ Run directory (``out``)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from csm.calibration.metrics import compute_all, higher_is_better
+from csm.calibration.metrics import (
+    METRIC_ALIASES,
+    canonical_metric,
+    compute_all,
+    higher_is_better,
+)
 from csm.data.augment import Augment
 from csm.errors import CSMError
 from csm.training.config import TrainConfig, method_params, parse_model_options, validate_config
@@ -77,12 +85,13 @@ from csm.training.methods import Batch, Method, Stage, StepState, build_method
 from csm.training.models import MODELS, build_model_from_spec, model_spec
 from csm.training.optim import lr_at, make_optimizer
 from csm.training.runs import (
+    claim_run_dir,
+    discard_failed_run,
     jsonable,
     load_checkpoint,
     prepare_run_dir,
     read_json,
     real_data_for,
-    remove_run,
     save_checkpoint,
     save_run,
     save_weights,
@@ -174,6 +183,7 @@ def _better(metric: str, new: dict[str, Any], best: dict[str, Any] | None) -> bo
     """Whether ``new`` beats ``best`` on ``val/metric`` (ties: lower val NLL)."""
     if best is None:
         return True
+    metric = canonical_metric(metric) if metric in METRIC_ALIASES else metric
     key = f"val/{metric}"
     if key not in new:
         raise CSMError(
@@ -327,12 +337,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, _Loop, int]:
     method = _check_inputs(cfg)
     stages = method.stages(cfg.epochs)
     accelerator = _accelerator(stages)
-    out, resuming = prepare_run_dir(cfg)
-    accelerator.wait_for_everyone()
-    if cfg.overwrite and accelerator.is_main_process and out.is_dir():
-        remove_run(out)
-    accelerator.wait_for_everyone()
-
+    out, resuming = prepare_run_dir(cfg)  # checks only: nothing is written before the inputs load
     real = real_data_for(cfg)
     _check_batches(cfg, int(real.train.labels.shape[0]), accelerator.num_processes)
     c, h, _ = real.image_shape
@@ -351,9 +356,13 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, _Loop, int]:
         )
     device = accelerator.device
     model = _model(cfg, spec, accelerator.num_processes, device)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # every input is valid: take the folder
+        claim_run_dir(cfg, resuming)
+    accelerator.wait_for_everyone()
     step_module = StepModule(model, method.all_modules(model))
     params = [stage.parameters(model) for stage in stages]
-    optimizers = [make_optimizer(cfg, p) for p in params]
+    optimizers = [make_optimizer(stage_config(cfg, s), p) for s, p in zip(stages, params)]
     wrapped, *optimizers = accelerator.prepare(step_module, *optimizers)
     run = _Run(
         cfg,
@@ -388,6 +397,18 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, _Loop, int]:
 
 
 # ------------------------------------------------------------------------------ one epoch
+def stage_config(cfg: TrainConfig, stage: Stage) -> TrainConfig:
+    """``cfg`` with the stage's own learning rate / weight decay where the stage sets them.
+
+    RefCal's stage 2 trains the linear head at lr 5 without weight decay, as the reference's
+    ``main_linear.py`` does (:class:`csm.training.methods.RefCalMethod`).
+    """
+    changes = {
+        k: getattr(stage, k) for k in ("lr", "weight_decay") if getattr(stage, k) is not None
+    }
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def _stage_at(stages: list[Stage], epoch: int) -> tuple[int, int]:
     """(index of the stage that trains ``epoch``, first epoch of that stage)."""
     start = 0
@@ -435,6 +456,10 @@ def _train_epoch(run: _Run, loop: _Loop, epoch: int) -> dict[str, Any]:
     stage, optimizer, params = run.stages[i], run.optimizers[i], run.params[i]
     run.step_module.loss_fn = stage.loss
     torch.manual_seed(_epoch_seed(cfg.seed, epoch, 0))  # dropout and other global draws
+    # csm draws nothing from Python's or NumPy's global generators; seeding them anyway makes the
+    # RNG states accelerate's save_state records (random_states_<rank>.pkl) a function of the seed
+    random.seed(_epoch_seed(cfg.seed, epoch, 5))
+    np.random.seed(_epoch_seed(cfg.seed, epoch, 5) % 2**32)
     g_order, g_aug, g_syn, g_method = (
         torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, s)) for s in (1, 2, 3, 4)
     )
@@ -452,7 +477,7 @@ def _train_epoch(run: _Run, loop: _Loop, epoch: int) -> dict[str, Any]:
     )
     for step in bar:
         idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size].to(run.device)
-        lr = lr_at(cfg, epoch - stage_start, step, steps, stage.epochs)
+        lr = lr_at(stage_config(cfg, stage), epoch - stage_start, step, steps, stage.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch, rows = _local_batch(run, idx, stage, g_aug, g_syn)
@@ -596,7 +621,20 @@ def train(cfg: TrainConfig) -> Path:
             differ from the real one, an out-of-range hyper-parameter, or a run directory
             holding another run (without ``resume``/``overwrite``).
     """
+    created = not Path(cfg.out).is_dir() or not any(Path(cfg.out).iterdir())
     run, loop, start = _setup(cfg)
+    try:
+        _train_loop(run, loop, start)
+    except Exception:
+        if run.accelerator.is_main_process and start == 0:
+            discard_failed_run(run.out, created)  # e.g. diverged: a retry starts clean
+        raise
+    return run.out
+
+
+def _train_loop(run: _Run, loop: _Loop, start: int) -> None:
+    """The epochs from ``start``, then ``run.json``."""
+    cfg = run.cfg
     loop.stop = cfg.max_steps is not None and loop.global_step >= cfg.max_steps
     for epoch in range(start, cfg.epochs):
         if loop.stop:
@@ -612,7 +650,6 @@ def train(cfg: TrainConfig) -> Path:
     if run.accelerator.is_main_process:
         _write_run_json(run, loop)
     run.accelerator.wait_for_everyone()
-    return run.out
 
 
 def train_command(cfg: TrainConfig) -> str | None:

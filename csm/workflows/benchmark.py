@@ -82,7 +82,7 @@ class BenchmarkConfig:
     plots: bool = field(default=True, metadata={"help": "write reliability and risk plots"})
 
 
-def _methods(cfg: BenchmarkConfig) -> list[str]:
+def select_methods(cfg: BenchmarkConfig) -> list[str]:
     from csm.evaluation.evaluate import split_names
     from csm.training.methods import METHODS
 
@@ -163,9 +163,10 @@ def run_state(tcfg: Any) -> str:
     """
     from csm.training.config import TrainConfig
     from csm.training.runs import has_checkpoint, identity_diffs
+    from csm.utils import check_output
 
     d = Path(tcfg.out)
-    if not d.is_dir() or not any(d.iterdir()):
+    if not check_output(d, "run", flag="run folder"):
         return "new"
     info_path = d / "run.json"
     if info_path.is_file() and (d / "config.yaml").is_file():
@@ -180,10 +181,7 @@ def run_state(tcfg: Any) -> str:
             if (d / "model.safetensors").is_file():
                 return "complete"
     if not (d / "config.yaml").is_file():
-        raise CSMError(
-            f"{d}: folder is not empty but holds no training run; remove it (or use a new "
-            "--out) and rerun the benchmark"
-        )
+        return "new"  # an interrupted first write: train starts it afresh
     if has_checkpoint(d):
         return "partial"
     return "broken"
@@ -192,6 +190,35 @@ def run_state(tcfg: Any) -> str:
 def _write_manifest(cfg: BenchmarkConfig, entries: list[dict[str, Any]]) -> None:
     data = {"dataset": cfg.dataset, "model": cfg.model, "seeds": cfg.seeds, "runs": entries}
     atomic_write_text(Path(cfg.out) / "benchmark.json", json.dumps(data, indent=2) + "\n")
+
+
+def _evaluate_config(cfg: BenchmarkConfig, runs: list[str]) -> Any:
+    from csm.evaluation.evaluate import EvaluateConfig
+
+    return EvaluateConfig(
+        runs=runs,
+        out=str(cfg.out),
+        calibrators=cfg.calibrators,
+        corruptions=cfg.corruptions,
+        severities=cfg.severities,
+        ood=cfg.ood,
+        n_bins=cfg.n_bins,
+        device=cfg.device,
+        plots=cfg.plots,
+    )
+
+
+def _check_synthetic(cfg: BenchmarkConfig) -> None:
+    """A ``--synthetic`` dataset the methods train on must be a finished csm dataset."""
+    from csm.synthetic import check_dataset, parse_spec
+
+    if cfg.synthetic is None:
+        return
+    folder, _ = parse_spec(cfg.synthetic)
+    try:
+        check_dataset(folder)
+    except CSMError as exc:
+        raise CSMError(f"--synthetic {cfg.synthetic}: {exc}") from None
 
 
 def benchmark(cfg: BenchmarkConfig) -> str:
@@ -207,18 +234,29 @@ def benchmark(cfg: BenchmarkConfig) -> str:
         CSMError: Unknown methods, ``--seeds`` < 1, a method needing synthetic data without
             ``--synthetic``, or a finished run in ``--out`` with different settings.
     """
-    from csm.evaluation.evaluate import EvaluateConfig, evaluate
+    from csm.evaluation.evaluate import check_evaluate_options, evaluate
+    from csm.training.config import validate_config
     from csm.training.trainer import train
+    from csm.utils import check_output, claim_output
 
     if cfg.seeds < 1:
         raise CSMError(f"--seeds {cfg.seeds}: must be at least 1")
-    methods = _methods(cfg)
+    methods = select_methods(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    check_output(out, "benchmark")
     jobs = [(m, s) for s in range(cfg.seeds) for m in methods]  # seed-major: early full seeds
     tcfgs = {job: train_config_for(cfg, *job) for job in jobs}  # validate every option first
+    for tcfg in tcfgs.values():
+        validate_config(tcfg)
+    ecfg = _evaluate_config(cfg, [str(t.out) for t in tcfgs.values()])
+    check_evaluate_options(ecfg)
+    _check_synthetic(cfg)
+    from csm.training.runs import real_data_for
+
+    real_data_for(next(iter(tcfgs.values())))  # the dataset loads (cached for the runs)
     states = {job: run_state(tcfgs[job]) for job in jobs}
+    claim_output(out, "benchmark")  # the whole plan is valid: only now write
+    save_config(cfg, out)
     entries = [
         {"method": m, "seed": s, "run": str(tcfgs[(m, s)].out), "status": states[(m, s)]}
         for m, s in jobs
@@ -237,17 +275,6 @@ def benchmark(cfg: BenchmarkConfig) -> str:
         trained += 1
         entries[i]["status"] = "complete"
         _write_manifest(cfg, entries)
-    ecfg = EvaluateConfig(
-        runs=[e["run"] for e in entries],
-        out=str(out),
-        calibrators=cfg.calibrators,
-        corruptions=cfg.corruptions,
-        severities=cfg.severities,
-        ood=cfg.ood,
-        n_bins=cfg.n_bins,
-        device=cfg.device,
-        plots=cfg.plots,
-    )
     report = evaluate(ecfg, save_cfg=False)
     summary = (
         f"benchmark {cfg.dataset}: {len(methods)} method(s) x {cfg.seeds} seed(s); "

@@ -12,8 +12,11 @@ where it stopped):
 4. **annotate** — calibrated reannotation of the synthetic images (:mod:`csm.annotation.annotate`);
 5. **benchmark** — train ``--methods`` over ``--seeds`` seeds and evaluate them all
    (:mod:`csm.workflows.benchmark`), with temperature scaling fitted on ``val``;
-6. **report** — ``OUT/report.md``: the λ-sweep grid, confidence against λ, reliability diagrams
-   and the leaderboard.
+6. **report** — ``OUT/report.md`` with ``OUT/figures/``: the λ-sweep grid (one row per class
+   pair, λ under each column), example mixed images with their λ and soft label, real against
+   generated images per class, the soft label against λ, train/val curves of every run (from its
+   ``metrics.csv``), the leaderboard, accuracy and ECE under shift (``--corruptions``) and the
+   reliability diagrams (bars faded by bin mass, counts shown).
 
 Everything random comes from ``--seed`` (diffusion training, noise of each group, classifier
 seeds ``0..seeds-1``), and every stage writes its resolved config next to its output.
@@ -24,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ import numpy as np
 
 from csm.config import save_config
 from csm.errors import CSMError
-from csm.utils import atomic_path, atomic_write_text
+from csm.utils import atomic_write_text, check_output, claim_output
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class DemoConfig:
     seeds: int = field(default=3, metadata={"help": "classifier seeds per method"})
     epochs: int = field(default=15, metadata={"help": "classifier training epochs"})
     seed: int = field(default=0, metadata={"help": "seed of diffusion training and generation"})
+    corruptions: list[str] = field(
+        default_factory=lambda: ["all"],
+        metadata={"help": "test corruptions of the shifted-test table (all, none or names)"},
+    )
 
 
 def _stage(name: str, timings: dict[str, float], fn, *args, **kwargs) -> Any:
@@ -139,7 +145,7 @@ def _benchmark_config(cfg: DemoConfig, synthetic: Path):
         epochs=cfg.epochs,
         train_options=list(DEMO_TRAIN_OPTIONS),
         calibrators=["ts"],
-        corruptions=[],
+        corruptions=list(cfg.corruptions),
     )
 
 
@@ -148,7 +154,9 @@ def encoder_run(cfg: DemoConfig, synthetic: Path) -> Path:
     from csm.training.trainer import train
     from csm.workflows.benchmark import run_state, train_config_for
 
-    tcfg = train_config_for(_benchmark_config(cfg, synthetic), "ce", 0)
+    bcfg = _benchmark_config(cfg, synthetic)
+    claim_output(bcfg.out, "benchmark")  # the encoder run lives in the benchmark's folder
+    tcfg = train_config_for(bcfg, "ce", 0)
     state = run_state(tcfg)
     if state != "complete":
         tcfg.resume = state == "partial"
@@ -173,28 +181,166 @@ def annotate_synthetic(cfg: DemoConfig, synthetic: Path, encoder: Path) -> dict[
     return json.loads(report.read_text()) if report.is_file() else {}
 
 
-def lambda_sweep_png(synthetic: Path, path: Path, rows: int = 6) -> Path:
-    """A grid of the first ``rows`` groups: one row per group, λ from 0 (class b) to 1 (a)."""
-    from PIL import Image
+def _first_group_per_pair(t: Any) -> list[tuple[int, int, list[int]]]:
+    """``(class_a, class_b, row indices sorted by λ)`` of the first group of every pair."""
+    gid, lam = t.group_id.numpy(), t.lam.numpy()
+    order = np.lexsort((lam, gid))
+    seen: dict[tuple[int, int], int] = {}
+    for i in order:
+        seen.setdefault((int(t.class_a[i]), int(t.class_b[i])), int(gid[i]))
+    return [(a, b, [int(i) for i in order if gid[i] == g]) for (a, b), g in sorted(seen.items())]
 
+
+def lambda_sweep_png(synthetic: Path, path: Path) -> Path:
+    """The λ sweep of every class pair: one row per pair (its first group), λ under each column."""
+    from csm.evaluation.plots import mosaic_figure, save_figure
     from csm.synthetic import load_synthetic_tensors
 
     t = load_synthetic_tensors(synthetic)
-    order = np.lexsort((t.lam.numpy(), t.group_id.numpy()))
-    gids = list(dict.fromkeys(t.group_id[order].tolist()))[:rows]
-    tiles = []
-    for g in gids:
-        idx = [i for i in order if int(t.group_id[i]) == g]
-        row = np.concatenate([t.images[i].permute(1, 2, 0).numpy() for i in idx], axis=1)
-        tiles.append(row)
-    grid = np.concatenate(tiles, axis=0)
-    if grid.shape[-1] == 1:
-        grid = grid[..., 0]
-    img = Image.fromarray(grid)
-    img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
-    with atomic_path(path) as tmp:
-        img.save(tmp)
-    return path
+    names = t.class_names
+    rows = _first_group_per_pair(t)
+    tiles = [[t.images[i].numpy() for i in idx] for _, _, idx in rows]
+    labels = [f"{names[b]} → {names[a]}" for a, b, _ in rows]
+    lams = [f"{float(t.lam[i]):.2f}" for i in rows[0][2]]
+    title = f"Semantic mixing: {len(rows)} pairs (class b → class a), one shared noise per row"
+    xlabel = "λ (weight of class a; 0 = pure class b, 1 = pure class a)"
+    return save_figure(mosaic_figure(tiles, labels, lams, title, xlabel), path)
+
+
+def examples_png(synthetic: Path, path: Path, seed: int, count: int = 12) -> Path:
+    """Mixed images (0 < λ < 1, drawn with ``seed``) with their λ and soft label printed."""
+    from csm.evaluation.plots import captioned_images_figure, save_figure
+    from csm.synthetic import load_synthetic_tensors
+
+    t = load_synthetic_tensors(synthetic)
+    names = t.class_names
+    interior = np.flatnonzero((t.lam.numpy() > 0) & (t.lam.numpy() < 1))
+    pool = interior if interior.size else np.arange(len(t.lam))
+    pick = np.sort(np.random.default_rng(seed).choice(pool, min(count, pool.size), replace=False))
+    captions = []
+    for i in pick:
+        a, b = int(t.class_a[i]), int(t.class_b[i])
+        soft = t.soft_labels[i]
+        captions.append(
+            f"{names[a]} + {names[b]}, λ = {float(t.lam[i]):.2f}\n"
+            f"soft: {names[a]} {float(soft[a]):.2f}, {names[b]} {float(soft[b]):.2f}"
+        )
+    title = "Mixed images: generation λ (weight of the first class) and the soft label given"
+    fig = captioned_images_figure([t.images[i].numpy() for i in pick], captions, 4, title)
+    return save_figure(fig, path)
+
+
+def real_vs_generated_png(dataset: str, synthetic: Path, path: Path, per_class: int = 4) -> Path:
+    """Per class: real training images, then generated pure endpoints (λ = 1 of a, 0 of b)."""
+    from csm.data.real import load_real
+    from csm.evaluation.plots import mosaic_figure, save_figure
+    from csm.synthetic import load_synthetic_tensors
+
+    t = load_synthetic_tensors(synthetic)
+    real = load_real(dataset).train
+    lam = t.lam.numpy()
+    tiles, labels = [], []
+    for k, name in enumerate(t.class_names):
+        ours = np.flatnonzero(
+            ((lam == 1) & (t.class_a.numpy() == k)) | ((lam == 0) & (t.class_b.numpy() == k))
+        )
+        theirs = np.flatnonzero(real.labels.numpy() == k)[:per_class]
+        row = [real.images[i].numpy() for i in theirs] + [
+            t.images[i].numpy() for i in ours[:per_class]
+        ]
+        if row:
+            tiles.append(row)
+            labels.append(name)
+    cols = [f"real {i + 1}" for i in range(per_class)] + [f"gen. {i + 1}" for i in range(per_class)]
+    title = f"Real (left) against generated pure-class images (right), {per_class} per class"
+    fig = mosaic_figure(tiles, labels, cols, title, gap_after=per_class - 1)
+    return save_figure(fig, path)
+
+
+def soft_label_png(synthetic: Path, path: Path) -> Path:
+    """Soft label of class a against λ, one line per pair (title names the annotation)."""
+    from csm.evaluation.plots import save_figure, soft_label_figure
+    from csm.synthetic import load_synthetic_tensors, read_manifest
+
+    t = load_synthetic_tensors(synthetic)
+    soft_a = t.soft_labels.gather(1, t.class_a[:, None])[:, 0]
+    k = len(t.class_names)
+    ann = read_manifest(synthetic).get("annotation") or {}
+    squash = f", squash s = {ann['squash']}" if ann.get("squash") is not None else ""
+    title = f"Reannotation ({ann.get('mode', 'λ labels')}{squash}): {len(t.lam)} images"
+    fig = soft_label_figure(t.lam, soft_a, t.class_a * k + t.class_b, title)
+    return save_figure(fig, path)
+
+
+TRAINING_PANELS = [
+    ("train/loss", "train loss"),
+    ("val/cls/NLL", "val NLL"),
+    ("val/cal/ECE", "val ECE"),
+    ("val/cls/Acc", "val accuracy"),
+]
+
+
+def training_curves_png(bench_dir: Path, path: Path) -> Path | None:
+    """Train loss and val NLL / ECE / accuracy per epoch of every run (its ``metrics.csv``)."""
+    import csv
+
+    from csm.evaluation.plots import curves_figure, save_figure
+
+    curves: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for csv_path in sorted(bench_dir.glob("runs/*/*/metrics.csv")):
+        with open(csv_path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if not r.get("partial")]
+        label = f"{csv_path.parent.parent.name}/{csv_path.parent.name}"
+        series = {}
+        for key, _ in TRAINING_PANELS:
+            pts = [(float(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+            if pts:
+                series[key] = ([x for x, _ in pts], [y for _, y in pts])
+        curves[label] = series
+    if not any(curves.values()):
+        return None
+    title = "Training curves (one line per run; colour = method)"
+    return save_figure(curves_figure(curves, TRAINING_PANELS, title), path)
+
+
+def _split_shift(board: str) -> tuple[str, str]:
+    """The leaderboard without, and the table of, accuracy and ECE under shift."""
+    at = board.find("### Under shift")
+    return (board, "") if at < 0 else (board[:at].rstrip() + "\n", board[at:].strip())
+
+
+def _annotation_lines(annotation: dict[str, Any]) -> list[str]:
+    if not annotation.get("lambda"):
+        return []
+    return [
+        "| λ | " + " | ".join(f"{g:.2f}" for g in annotation["lambda"]) + " |",
+        "|---|" + "---|" * len(annotation["lambda"]),
+        "| mean soft label of class a | "
+        + " | ".join(f"{v:.2f}" for v in annotation["share_a_mean"])
+        + " |",
+        "",
+        f"Share of images whose dominant class differs from what λ says: "
+        f"{100 * annotation.get('mismatch_share', float('nan')):.1f}%.",
+        "",
+    ]
+
+
+def report_figures(cfg: DemoConfig, synthetic: Path, bench_dir: Path) -> dict[str, Path]:
+    """Draw every figure of the report into ``OUT/figures`` (name -> path)."""
+    figs = Path(cfg.out) / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    out = {
+        "lambda_sweep": lambda_sweep_png(synthetic, figs / "lambda_sweep.png"),
+        "examples": examples_png(synthetic, figs / "examples.png", cfg.seed),
+        "real_vs_generated": real_vs_generated_png(
+            cfg.dataset, synthetic, figs / "real_vs_generated.png"
+        ),
+        "confidence_vs_lambda": soft_label_png(synthetic, figs / "confidence_vs_lambda.png"),
+    }
+    curves = training_curves_png(bench_dir, figs / "training_curves.png")
+    if curves is not None:
+        out["training_curves"] = curves
+    return out
 
 
 def write_report(
@@ -204,16 +350,15 @@ def write_report(
     bench_dir: Path,
     timings: dict[str, float],
 ) -> Path:
-    """Write ``OUT/report.md`` with the pictures and the leaderboard."""
+    """Write ``OUT/report.md`` with the pictures, the leaderboard and the shifted-test table."""
     out = Path(cfg.out)
-    figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
-    sweep = lambda_sweep_png(synthetic, figs / "lambda_sweep.png")
-    conf_png = synthetic / "annotation_report.png"
-    if conf_png.is_file():
-        shutil.copyfile(conf_png, figs / "confidence_vs_lambda.png")
+    figs = {
+        k: p.relative_to(out).as_posix()
+        for k, p in report_figures(cfg, synthetic, bench_dir).items()
+    }
     board_path = bench_dir / "leaderboard.md"
     board = board_path.read_text().replace("# Leaderboard\n", "", 1) if board_path.is_file() else ""
+    board, shift = _split_shift(board)
     lines = [
         f"# csm demo on `{cfg.dataset}`",
         "",
@@ -221,46 +366,99 @@ def write_report(
         f"{cfg.groups} groups x {cfg.group_size} synthetic images; squash s = {cfg.squash}.",
         "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + ".",
         "",
-        "## Semantic mixing: one noise per row, λ from 0 (class b) to 1 (class a)",
+        "## Semantic mixing: every class pair, one noise per row, λ from 0 (b) to 1 (a)",
         "",
-        f"![lambda sweep]({sweep.relative_to(out)})",
+        f"![lambda sweep]({figs['lambda_sweep']})",
+        "",
+        "## What the mixed images look like and which label each got",
+        "",
+        f"![examples]({figs['examples']})",
+        "",
+        "## Real against generated images, per class",
+        "",
+        f"![real vs generated]({figs['real_vs_generated']})",
         "",
         "## Calibrated reannotation: soft label against λ",
         "",
+        f"![confidence vs lambda]({figs['confidence_vs_lambda']})",
+        "",
+        *_annotation_lines(annotation),
     ]
-    if (figs / "confidence_vs_lambda.png").is_file():
-        lines += ["![confidence vs lambda](figures/confidence_vs_lambda.png)", ""]
-    if annotation.get("lambda"):
+    if "training_curves" in figs:
         lines += [
-            "| λ | " + " | ".join(f"{g:.2f}" for g in annotation["lambda"]) + " |",
-            "|---|" + "---|" * len(annotation["lambda"]),
-            "| mean soft label of class a | "
-            + " | ".join(f"{v:.2f}" for v in annotation["share_a_mean"])
-            + " |",
+            "## Training curves (train loss, val metrics)",
             "",
-            f"Share of images whose dominant class differs from what λ says: "
-            f"{100 * annotation.get('mismatch_share', float('nan')):.1f}%.",
+            f"![training curves]({figs['training_curves']})",
             "",
         ]
     lines += ["## Leaderboard (test split; temperature scaling fitted on val)", "", board, ""]
+    if shift:
+        lines += ["## Under distribution shift (corrupted test)", "", shift, ""]
     rel = sorted((bench_dir / "reliability").glob("*.png"))
     if rel:
-        lines += ["## Reliability diagrams", ""]
-        lines += [f"![{p.stem}]({os.path.relpath(p, out)})" for p in rel]
-        lines.append("")
+        lines += [
+            "## Reliability diagrams (bar opacity = bin mass, sample count on each bar)",
+            "",
+            *[f"![{p.stem}]({os.path.relpath(p, out)})" for p in rel],
+            "",
+        ]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+NOT_IDENTITY = ("out", "cache_dir")
+"""Demo options that do not change its outputs; a rerun may change only these."""
+
+
+def check_plan(cfg: DemoConfig) -> None:
+    """Validate every option of every stage before anything is written or computed.
+
+    Raises:
+        CSMError: A bad option, ``--out`` in the way, or ``--out`` holding a demo run with other
+            settings (its outputs would otherwise be silently reused).
+    """
+    import math
+
+    from csm.generation.fit import PRESETS
+    from csm.training.config import validate_config
+    from csm.workflows.benchmark import select_methods, train_config_for
+
+    if cfg.seeds < 1 or cfg.groups < 1 or cfg.epochs < 1:
+        raise CSMError("--seeds, --groups and --epochs: must be at least 1")
+    if cfg.group_size < 2:
+        raise CSMError(f"--group-size {cfg.group_size}: must be >= 2 (the lambda grid 0..1)")
+    if cfg.sample_steps < 1:
+        raise CSMError(f"--sample-steps {cfg.sample_steps}: must be >= 1")
+    if not (math.isfinite(cfg.squash) and cfg.squash > 0):
+        raise CSMError(f"--squash {cfg.squash}: must be a positive number, e.g. 4")
+    if cfg.preset not in PRESETS:
+        raise CSMError(f"--preset {cfg.preset!r}: unknown; choose one of {sorted(PRESETS)}")
+    if cfg.diffusion_steps is not None and cfg.diffusion_steps < 1:
+        raise CSMError(f"--diffusion-steps {cfg.diffusion_steps}: must be >= 1")
+    bcfg = _benchmark_config(cfg, Path(cfg.out) / "synthetic")
+    for method in select_methods(bcfg):
+        validate_config(train_config_for(bcfg, method, 0))
+    out = Path(cfg.out)
+    if check_output(out, "demo") and (out / "config.yaml").is_file():
+        from csm.config import config_to_dict, load_yaml
+
+        old, new = load_yaml(out / "config.yaml"), config_to_dict(cfg)
+        diffs = [k for k in new if k not in NOT_IDENTITY and old.get(k) != new[k]]
+        if diffs:
+            raise CSMError(
+                f"--out {out}: holds a demo run with other settings ({', '.join(diffs)}); rerun "
+                "with the original options or use a new --out"
+            )
 
 
 def demo(cfg: DemoConfig) -> str:
     """Run the whole pipeline (see the module docstring); returns the leaderboard and paths."""
     from csm.workflows.benchmark import benchmark
 
-    if cfg.seeds < 1 or cfg.groups < 1 or cfg.epochs < 1:
-        raise CSMError("--seeds, --groups and --epochs: must be at least 1")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_plan(cfg)
+    claim_output(out, "demo")  # the whole plan is valid: only now write
     save_config(cfg, out)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

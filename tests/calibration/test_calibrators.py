@@ -139,7 +139,7 @@ def test_isotonic_matches_sklearn_then_renormalises():
 
 def test_feature_clipping_picks_a_clip_that_fixes_overconfidence():
     z, y, feats, head = _feature_task(9, 1200)
-    fc = CALIBRATORS["fc"]().fit(z[:600], y[:600], feats[:600], head)
+    fc = CALIBRATORS["fc"](criterion="nll").fit(z[:600], y[:600], feats[:600], head)
     assert fc.clip < float(feats.max())  # it clips something
     base_acc = M.compute_all(z[:600], y[:600])["cls/Acc"]
     with torch.no_grad():
@@ -213,8 +213,104 @@ def test_ts_keeps_identity_when_validation_has_no_error(caplog):
     z[torch.arange(60), y] += 4.0  # argmax == label for every sample
     ts = CALIBRATORS["ts"]().fit(z, y)
     assert ts.temperature == 1.0 and "not identifiable" in caplog.text
+    assert ts.params()["fallback"] == "every validation prediction is correct"
     # one error makes T identifiable again, and the fit stays inside the bounds
     y2 = y.clone()
     y2[0] = (y[0] + 1) % 5
     t = CALIBRATORS["ts"]().fit(z, y2).temperature
     assert 0.05 <= t <= 100.0 and t != 1.0
+
+
+@pytest.mark.parametrize("name", ["ts", "vs", "hist", "isotonic", "fc", "cc"])
+def test_every_calibrator_falls_back_to_identity_without_errors_or_rows(name, caplog):
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    head = torch.nn.Linear(4, 3).double()
+    with torch.no_grad():
+        z = head(feats)
+    y = z.argmax(1)  # error-free validation split
+    kw = {"num_samples": 20} if name == "cc" else {}
+    test_z = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    test_f = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    for zz, yy, ff in ((z, y, feats), (z[:3], (y[:3] + 1) % 3, feats[:3])):  # no errors; 3 rows
+        caplog.clear()
+        cal = CALIBRATORS[name](**kw).fit(zz, yy, ff, head)
+        assert "not identifiable" in caplog.text and cal.fallback
+        out = cal(test_z, test_f) if cal.needs_features else cal(test_z)
+        assert torch.allclose(out, torch.softmax(test_z, 1).float())
+
+
+def test_ts_ece_criterion_is_the_grid_point_with_lowest_val_ece():
+    zv, yv = _calibrated_task(3, 500, temperature=3.0)
+    grid = [0.5, 1.0, 2.0, 3.0, 4.0]
+    ts = CALIBRATORS["ts"](criterion="ece", grid=grid).fit(zv, yv)
+    eces = [M.compute_all(zv.double() / t, yv)["cal/ECE"] for t in grid]
+    assert ts.temperature == grid[int(np.argmin(eces))]
+    assert ts.params()["criterion"] == "ece"
+    default = CALIBRATORS["ts"](criterion="ece")
+    assert min(default.grid) == pytest.approx(0.1) and max(default.grid) == pytest.approx(10.0)
+    with pytest.raises(CSMError, match="criterion"):
+        CALIBRATORS["ts"](criterion="brier")
+
+
+def test_ts_warns_when_t_sits_on_a_bound(caplog):
+    zv, yv = _calibrated_task(4, 400, temperature=8.0)  # logits 8x too sharp: T near 8
+    ts = CALIBRATORS["ts"](max_temperature=2.0).fit(zv, yv)
+    assert ts.temperature == 2.0 and "sits on the bound" in caplog.text
+    caplog.clear()
+    wide = CALIBRATORS["ts"]().fit(zv, yv)  # default range [1e-3, 1e3] does not bind
+    assert 2.0 < wide.temperature < 1e3 and "sits on the bound" not in caplog.text
+
+
+def test_feature_clipping_default_criterion_is_val_ece_without_accuracy_constraint():
+    z, y, feats, head = _feature_task(9, 600)
+    grid = [0.05, 0.2, 1.0, 5.0]
+    fc = CALIBRATORS["fc"](grid=grid).fit(z, y, feats, head)
+    assert fc.criterion == "ece" and fc.min_acc_ratio == 0.0
+    with torch.no_grad():
+        scores = {c: M.compute_all(head(feats.clamp(-c, c)), y)["cal/ECE"] for c in grid}
+        scores[float("inf")] = M.compute_all(head(feats), y)["cal/ECE"]
+    assert fc.clip == min(scores, key=scores.get)
+
+
+@pytest.mark.parametrize("name", ["none", "ts", "vs", "hist", "isotonic", "fc", "cc", "alien"])
+def test_calibrated_logits_and_module_give_the_calibrated_probabilities(name):
+    z, y, feats, head = _feature_task(7, 400)
+    kwargs = {"cc": dict(num_samples=50, sigmas=[0.5, 2.0]), "alien": dict(epochs=5, hidden=8)}
+    cal = CALIBRATORS[name](**kwargs.get(name, {})).fit(z[:300], y[:300], feats[:300], head)
+    f = feats[300:] if cal.needs_features else None
+    out = cal.logits(z[300:], f)
+    assert out.shape == (100, 4) and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    assert torch.allclose(torch.softmax(out.double(), 1).float(), cal(z[300:], f), atol=1e-6)
+    module = cal.as_module()
+    assert isinstance(module, torch.nn.Module)
+    assert torch.equal(module(z[300:], f), out)
+    M.compute_all(out, y[300:])  # calibrated logits are valid logits for every metric
+
+
+def test_ts_and_vs_modules_return_scaled_logits_of_the_wrapped_model():
+    zv, yv = _calibrated_task(8, 600, k=3, temperature=2.5)
+    ts = CALIBRATORS["ts"]().fit(zv, yv)
+    vs = CALIBRATORS["vs"]().fit(zv, yv)
+    model = torch.nn.Linear(2, 3)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        raw = model(x)
+        scaled = ts.as_module(model)(x)
+    assert torch.allclose(scaled, raw / ts.temperature, atol=1e-6)  # torch-uncertainty's z / T
+    assert torch.allclose(vs.logits(raw), (raw.double() * vs.w + vs.b).float(), atol=1e-6)
+    assert torch.allclose(vs.as_module(model)(x), vs.logits(raw))
+    assert torch.equal(CALIBRATORS["none"]().fit(zv, yv).logits(raw), raw)
+    with pytest.raises(CSMError, match="not fitted"):
+        CALIBRATORS["ts"]().as_module()
+    with pytest.raises(CSMError, match="features"):
+        CALIBRATORS["fc"]().fit(*_feature_task(9, 200)).as_module(model)
+
+
+def test_histogram_logits_are_the_log_of_its_table_and_finite_at_zero():
+    # hand-made table: class 0 always 0.0 and class 1 always 1.0 after renormalisation
+    hb = HistogramBinning(n_bins=2)
+    hb.num_classes, hb.table = 2, torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    out = hb.logits(torch.tensor([[0.3, -0.2], [-1.0, 1.0]]))
+    assert torch.equal(out[:, 1], torch.zeros(2))  # log 1
+    assert bool((out[:, 0] < -700).all()) and bool(torch.isfinite(out).all())  # log 0, clamped

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import relplot
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torchmetrics.functional.classification import (
     binary_calibration_error,
     multiclass_calibration_error,
@@ -316,7 +316,7 @@ def test_nll_brier_accuracy_by_hand():
     probs = M.compute_all_probs(torch.softmax(z, 1), y)
     for key, val in out.items():
         assert probs[key] == pytest.approx(val, abs=1e-5), key
-    assert set(out) == set(M.METRIC_NAMES) - {"ood/AUROC"}
+    assert set(out) == {m for m in M.METRIC_NAMES if not m.startswith("ood/")}
 
 
 def test_nll_from_logits_is_exact_when_probabilities_underflow():
@@ -440,9 +440,174 @@ def test_every_single_metric_function_equals_its_compute_all_entry():
         "sc/AURC": M.aurc,
         "sc/E-AURC": M.e_aurc,
         "sc/Risk@80": M.risk_at_coverage,
+        "sc/AUGRC": M.augrc,
+        "sc/Cov@5Risk": M.coverage_at_5_risk,
+        "cal/KDE-ECE": M.kde_ece,
+        "cal/MMCE": M.mmce,
         "cls/OvO-AUROC": M.ovo_auroc,
     }
-    assert set(single) == set(M.METRIC_INFO) - {"ood/AUROC"}  # one function per metric
+    ood = {m for m in M.METRIC_INFO if m.startswith("ood/")}
+    assert set(single) == set(M.METRIC_INFO) - ood  # one function per metric
     for key, fn in single.items():
         assert fn(p, y) == pytest.approx(suite[key], abs=1e-9), key
     assert suite["cal/OE"] > 0 and suite["cal/UE"] >= 0
+
+
+# ------------------------------------------------------------------------- OvO AUROC, exact
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed,n,k,grid", [(40, 900, 6, 3), (41, 600, 4, 2), (42, 1200, 9, 0)])
+def test_ovo_auroc_equals_sklearn_with_ties(seed, n, k, grid, dtype):
+    g = torch.Generator().manual_seed(seed)
+    # grid > 0: logits on a coarse grid (many ties inside and across classes); rows 0-19
+    # saturate (exact 0.0 and 1.0 probabilities in float32)
+    z = (
+        torch.randint(0, grid, (n, k), generator=g).float()
+        if grid
+        else torch.randn(n, k, generator=g)
+    )
+    z[:20] = 0.0
+    z[:20, 0] = 120.0
+    y = torch.randint(0, k, (n,), generator=g)
+    p = torch.softmax(z.to(dtype), 1)
+    ref = roc_auc_score(y.numpy(), p.numpy(), multi_class="ovo", labels=list(range(k)))
+    assert M.ovo_auroc(p, y) == pytest.approx(ref, abs=1e-12)
+    assert M.compute_all_probs(p, y)["cls/OvO-AUROC"] == pytest.approx(ref, abs=1e-12)
+
+
+# ------------------------------------------------------------- AUGRC, Cov@5Risk, KDE-ECE, MMCE
+def test_augrc_and_coverage_at_risk_follow_torch_uncertainty_formulas():
+    g = torch.Generator().manual_seed(43)
+    z = torch.randint(0, 4, (300, 3), generator=g).float() * 1.5  # tied confidences
+    y = torch.randint(0, 3, (300,), generator=g)
+    y[:150] = z[:150].argmax(1)  # accurate enough for a 5%-risk coverage
+    c, a = _top(torch.softmax(z, 1), y)
+    order = np.argsort(-c.numpy(), kind="stable")
+    err = 1.0 - a.numpy()[order].astype(np.float64)
+    n = len(err)
+    risk = np.cumsum(err) / np.arange(1, n + 1)
+    cov = np.arange(1, n + 1) / n
+    augrc = np.trapezoid(risk * cov, cov) / (1 - 1 / n)
+    ok = np.flatnonzero(risk <= 0.05)
+    out = M.compute_all(z, y)
+    assert ok.size and out["sc/Cov@5Risk"] == pytest.approx((ok[-1] + 1) / n, abs=1e-12)
+    assert out["sc/AUGRC"] == pytest.approx(augrc, abs=1e-12)
+    sel = M.selective_metrics(c, a)  # any score gets the same sc/ metrics
+    assert sel["sc/AUGRC"] == out["sc/AUGRC"] and sel["sc/Cov@5Risk"] == out["sc/Cov@5Risk"]
+    # all wrong: no coverage has risk <= 5%
+    bad = M.compute_all(z, (z.argmax(1) + 1) % 3)
+    assert bad["sc/Cov@5Risk"] == 0.0
+
+
+def test_mmce_equals_the_double_sum():
+    z, y = _data(44, 250, 5)
+    z[:40] = torch.randint(0, 2, (40, 5)).float()  # ties
+    c, a = _top(torch.softmax(z, 1), y)
+    c64, r = c.double(), a.double() - c.double()
+    kern = torch.exp(-(c64[:, None] - c64[None, :]).abs() / 0.4)
+    ref = math.sqrt(float((r[:, None] * r[None, :] * kern).sum())) / len(c)
+    assert M.compute_all(z, y)["cal/MMCE"] == pytest.approx(ref, rel=1e-10)
+
+
+def _kde_ece_reference(conf: np.ndarray, correct: np.ndarray) -> float:
+    """Zhang et al.'s ece_kde_binary step by step: np.add.at binning, a direct ("same")
+    convolution instead of the FFT, and the reference's per-grid-point loop."""
+    x = np.linspace(-0.6, 1.6, 2**14)
+    dx = x[1] - x[0]
+    bw = np.std(conf[correct]) * (2 * len(conf)) ** -0.2
+
+    def kde(d):
+        d = np.concatenate([-d[d < 0.5], d, 2 - d[d >= 0.5]])
+        pos = (d - x[0]) / dx
+        lo = np.clip(np.floor(pos).astype(int), 0, len(x) - 2)
+        w = np.zeros(len(x))
+        np.add.at(w, lo, 1 - (pos - lo))
+        np.add.at(w, lo + 1, pos - lo)
+        half = int(np.floor(3 * bw / dx))
+        t = np.arange(-half, half + 1) * dx / (3 * bw)
+        ker = 35 / 32 * np.clip(1 - t**2, 0, None) ** 3 / (3 * bw)
+        dens = np.convolve(w / len(d), ker, mode="same") * 2
+        dens[(x <= 0) | (x >= 1)] = 0
+        return dens
+
+    pp1, pp2 = kde(conf[correct]), kde(conf)
+    perc = correct.mean()
+    integral = np.zeros(len(x))
+    for i in range(len(x)):
+        if max(pp1[i], pp2[i]) > 1e-6:
+            accu = min(perc * pp1[i] / pp2[i] if pp2[i] > 0 else np.inf, 1.0)
+            integral[i] = abs(x[i] - accu) * pp2[i]
+        elif i > 1:
+            integral[i] = integral[i - 1]
+    ind = (x >= 0) & (x <= 1)
+    return np.trapezoid(integral[ind], x[ind]) / np.trapezoid(pp2[ind], x[ind])
+
+
+@pytest.mark.parametrize("seed,n,k", [(45, 2000, 10), (46, 300, 3)])
+def test_kde_ece_follows_the_reference_estimator(seed, n, k):
+    z, y = _data(seed, n, k)
+    c, a = _top(torch.softmax(z, 1), y)
+    ref = _kde_ece_reference(c.double().numpy(), a.numpy())
+    out = M.compute_all(z, y)
+    assert out["cal/KDE-ECE"] == pytest.approx(ref, abs=1e-9)
+    assert 0 < out["cal/KDE-ECE"] < 1
+
+
+# --------------------------------------------------------------------------- OOD AUPR, FPR95
+def test_ood_aupr_and_fpr95_match_sklearn_with_ties():
+    z, y = _data(47, 500, 4)
+    zo = torch.randn(300, 4, generator=torch.Generator().manual_seed(48))
+    z[:50], zo[:50] = 0.0, 0.0  # tied MSP across the two sets
+    out = M.compute_all(z, y, ood_logits=zo)
+    msp = torch.cat([torch.softmax(z, 1).max(1).values, torch.softmax(zo, 1).max(1).values])
+    is_ood = np.r_[np.zeros(500), np.ones(300)]
+    score = -msp.double().numpy()  # torch-uncertainty: OOD positive, score -MSP
+    assert out["ood/AUPR"] == pytest.approx(average_precision_score(is_ood, score), abs=1e-12)
+    fpr, tpr, _ = roc_curve(is_ood, score, drop_intermediate=False)
+    assert out["ood/FPR95"] == pytest.approx(fpr[np.searchsorted(tpr, 0.95)], abs=1e-12)
+    assert out["ood/AUROC"] == pytest.approx(roc_auc_score(1 - is_ood, -score), abs=1e-12)
+    p_in, p_out = torch.softmax(z, 1), torch.softmax(zo, 1)
+    assert M.ood_metrics(p_in, p_out)["ood/AUPR"] == pytest.approx(out["ood/AUPR"], abs=1e-12)
+
+
+# ---------------------------------------------------------------------- aliases and streaming
+def test_torch_uncertainty_aliases_are_accepted():
+    z, y = _data(49, 200, 3)
+    out = M.compute_all(z, y, exclude={"cal/aECE", "sc/Risk@80Cov"})
+    assert "cal/AdaECE" not in out and "sc/Risk@80" not in out and "cal/ECE" in out
+    assert M.canonical_metric("cal/aECE") == "cal/AdaECE"
+    assert M.higher_is_better("sc/Risk@80Cov") is False and M.higher_is_better("sc/Cov@5Risk")
+    with pytest.raises(CSMError, match="cal/bogus.*aliases"):
+        M.canonical_metric("cal/bogus")
+
+
+def test_stream_in_pieces_and_merged_equals_one_shot_with_ties():
+    g = torch.Generator().manual_seed(50)
+    z = torch.randint(0, 3, (700, 5), generator=g).float()  # heavy ties everywhere
+    z[:30] = 0.0
+    z[:30, 1] = 150.0  # saturated rows
+    y = torch.randint(0, 5, (700,), generator=g)
+    zo = torch.randint(0, 3, (200, 5), generator=g).float()
+    one = M.compute_all(z, y, ood_logits=zo)
+    first, second = M.MetricStream(5), M.MetricStream(5)
+    first.update(z[:100], y[:100])
+    first.update(z[100:333], y[100:333])
+    second.update(z[333:], y[333:])  # another "process"
+    first.update_ood(zo[:50])
+    second.update_ood(zo[50:])
+    streamed = first.merge(second).compute()
+    assert list(streamed) == list(one)
+    for key, val in one.items():
+        sums = key in ("cls/NLL", "cls/Brier", "cal/ClasswiseECE")
+        if math.isnan(val):
+            assert math.isnan(streamed[key]), key
+        else:
+            assert streamed[key] == (pytest.approx(val, rel=1e-12) if sums else val), key
+    probs = M.MetricStream(5, from_probs=True, exclude={"cls/OvO-AUROC"})
+    probs.update(torch.softmax(z, 1), y)
+    assert "cls/OvO-AUROC" not in probs.compute()
+    with pytest.raises(CSMError, match="merge"):
+        first.merge(probs)
+    with pytest.raises(CSMError, match="no samples"):
+        M.MetricStream(5).compute()
+    with pytest.raises(CSMError, match="4 columns but the stream has 5"):
+        M.MetricStream(5).update(z[:, :4], y % 4)

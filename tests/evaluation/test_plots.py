@@ -9,6 +9,7 @@ import torch
 from csm.errors import CSMError
 from csm.evaluation.plots import (
     ReliabilityPanel,
+    bar_alphas,
     plot_reliability,
     plot_risk_coverage,
     reliability_figure,
@@ -77,3 +78,11 @@ def test_empty_inputs_raise() -> None:
         plot_risk_coverage({}, "x.png")
     with pytest.raises(CSMError, match="no samples"):
         risk_coverage_curve(torch.empty(0), torch.empty(0))
+
+
+def test_reliability_bars_fade_with_bin_mass_and_show_counts() -> None:
+    top = reliability_figure([_panel()]).get_axes()[0]
+    alphas = [p.get_facecolor()[3] for p in top.patches[:4]]  # counts 0, 10, 30, 60
+    assert alphas == pytest.approx([0.2, 0.2 + 0.8 * 10 / 60, 0.2 + 0.8 * 30 / 60, 1.0])
+    assert [t.get_text() for t in top.texts] == ["10", "30", "60"]  # no count on the empty bin
+    assert bar_alphas(torch.tensor([0, 0])).tolist() == [0.2, 0.2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -209,3 +210,31 @@ def test_two_processes_split_the_shards_and_equal_one(clean_run, model_dir, tmp_
     ref, got = _files(clean_run), _files(out)
     assert ref.keys() == got.keys()
     assert [name for name in ref if ref[name] != got[name]] == []  # byte-identical dataset
+
+
+def test_from_card_regenerates_the_dataset_bit_for_bit(model_dir, tmp_path, capsys):
+    from csm.generation.card import generator_sha256
+
+    first = tmp_path / "first"
+    opts = dict(groups=3, group_size=3, steps=1, seed=5, groups_per_shard=2, batch_size=4)
+    generate(_cfg(model_dir, first, guidance=1.5, license="mit", **opts))
+    info = read_manifest(first)["params"]["info"]
+    assert info["model"] == "pipe" and info["model_sha256"] == generator_sha256(model_dir)
+    assert (info["license"], info["device"], info["guidance"]) == ("mit", "cpu", 1.5)
+    assert str(model_dir) not in (first / "README.md").read_text()  # no local path on the card
+    again = tmp_path / "again"
+    args = ["generate", "--from-card", str(first), "--model", str(model_dir), "--out", str(again)]
+    assert main([*args, "--device", "cpu"]) == 0  # every other option comes from the card
+    ref, got = _files(first), _files(again)
+    assert ref.keys() == got.keys() and len(ref) > 3
+    assert [name for name in ref if ref[name] != got[name]] == []  # byte-identical dataset
+    # a folder generator must be named, and it must be the card's (same sha256)
+    with pytest.raises(CSMError, match="--model: missing.*'pipe'"):
+        generate(GenerateConfig(from_card=str(first), out=str(tmp_path / "x")))
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    cfg_file = other / "scheduler" / "scheduler_config.json"
+    cfg_file.write_text(cfg_file.read_text() + "\n")
+    with pytest.raises(CSMError, match="--model .*differs from the card's generator 'pipe'"):
+        generate(GenerateConfig(from_card=str(first), model=str(other), out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()

@@ -435,3 +435,101 @@ def test_dense_class_weights_for_multi_class_mixing(pipe):
         pipe(class_weights=np.array([[0.5, 0.6, 0.0]]), **kw)
     with pytest.raises(CSMError, match="class_weights: shape"):
         pipe(class_weights=np.ones((1, 4)) / 4, **kw)
+
+
+# ------------------------------------------------------------------ without csm (diffusers only)
+_NO_CSM_CHILD = r"""
+import json, sys
+import numpy as np, torch
+try:
+    import csm
+except ImportError:
+    pass
+else:
+    raise SystemExit("csm is importable in the clean environment")
+from diffusers import DiffusionPipeline
+
+folder, out = sys.argv[1], sys.argv[2]
+pipe = DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_csm",
+                                         trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+g = lambda: [torch.Generator().manual_seed(s) for s in (3, 3, 3)]
+mixed = pipe(class_a=["dog"] * 3, class_b=["frog"] * 3, lam=[0.0, 0.5, 1.0], generator=g(),
+             num_inference_steps=3, guidance_scale=2.0).images
+plain = pipe(class_a=["cat", "dog", "frog"], generator=g(), num_inference_steps=3).images
+np.savez(out, mixed=mixed.numpy(), plain=plain.numpy())
+print(json.dumps({"cls": type(pipe).__name__, "module": type(pipe).__module__,
+                  "sys_modules_csm": any(m.split(".")[0] == "csm" for m in sys.modules)}))
+"""
+
+
+def test_exported_folder_loads_and_samples_with_diffusers_only(pipe, tmp_path):
+    """The folder as pushed loads with plain diffusers in a process that cannot import csm."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    from huggingface_hub import ModelCard
+
+    from csm.generation import mixing
+    from csm.generation import pipeline as pipeline_module
+    from csm.generation.card import PIPELINE_FILE, export_pipeline_files, generator_sha256
+
+    folder = tmp_path / "gen"
+    pipe.save_pretrained(folder)
+    train = {"dataset": "digits", "dataset_spec": "digits", "class_names": NAMES, "steps": 30}
+    (folder / "training_config.json").write_text(json.dumps({**train, "label_dropout": 0.1}))
+    sha = generator_sha256(folder)
+    written = export_pipeline_files(folder, repo_id="alice/csm-gen")
+    assert [p.name for p in written] == [PIPELINE_FILE, "README.md"]
+    assert generator_sha256(folder) == sha  # the card and pipeline file are not the model
+    assert "from csm" not in (folder / PIPELINE_FILE).read_text()
+    assert mixing.lambdas is pipeline_module.lambdas  # one source of the mixing math
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license == "cc-by-4.0"
+    assert "row `K = 3` is the classifier-free-guidance null class" in card.text
+    assert "| steps | `30` |" in card.text and "| label_dropout | `0.1` |" in card.text
+    assert 'custom_pipeline="pipeline_csm"' in card.text and "CSMMixingPipeline" in card.text
+
+    child = tmp_path / "child.py"
+    child.write_text(_NO_CSM_CHILD)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": sysconfig.get_paths()["purelib"],  # site-packages without its .pth hooks
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-S", "-s", str(child), str(folder), str(tmp_path / "out.npz")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert meta["cls"] == "CSMMixingPipeline" and not meta["module"].startswith("csm")
+    assert meta["sys_modules_csm"] is False
+    got = np.load(tmp_path / "out.npz")
+    want_mixed = pipe(
+        class_a=["dog"] * 3,
+        class_b=["frog"] * 3,
+        lam=[0.0, 0.5, 1.0],
+        generator=gens((3, 3, 3)),
+        num_inference_steps=3,
+        guidance_scale=2.0,
+    ).images
+    want_plain = pipe(class_a=NAMES, generator=gens((3, 3, 3)), num_inference_steps=3).images
+    np.testing.assert_array_equal(got["mixed"], want_mixed.numpy())
+    np.testing.assert_array_equal(got["plain"], want_plain.numpy())
+    assert not np.array_equal(got["plain"][0], got["plain"][1])  # class-conditional
+
+
+def test_export_refuses_a_folder_without_model_index(tmp_path):
+    from csm.generation.card import export_pipeline_files
+
+    with pytest.raises(CSMError, match="no model_index.json"):
+        export_pipeline_files(tmp_path)

@@ -113,12 +113,15 @@ def test_card_yaml_and_content(finished):
         "size_categories",
         "pretty_name",
         "tags",
-        "source_datasets",
         "configs",
     ):
         assert key in header
-    assert header["size_categories"] == ["n<1K"] and header["source_datasets"] == ["toy"]
-    assert header["configs"][0]["data_files"][0]["path"] == "train/data-*.arrow"
+    # "toy" is a local name, not a Hub id: named in the csm block, not as a source dataset
+    assert header["size_categories"] == ["n<1K"] and "source_datasets" not in header
+    assert header["csm"]["generation"]["dataset"] == "toy"
+    # the exact shard files (the load_dataset pointer of the annotation switch-over), not a glob
+    files = [f"train/data-0000{i}-of-00003.arrow" for i in range(3)]
+    assert header["configs"][0]["data_files"][0]["path"] == files
     assert "| steps | `3` |" in text and "Not annotated yet" in text and "2504.13548" in text
     info = json.loads((out / "train" / "dataset_info.json").read_text())
     assert '"steps": 3' in info["description"]
@@ -139,9 +142,9 @@ def test_resume_checks_parameters_and_existing_dirs(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(CSMError, match="not empty and is not a csm synthetic dataset"):
+    with pytest.raises(CSMError, match="not written by csm"):
         _new(other)
-    with pytest.raises(CSMError, match="not a csm synthetic dataset"):
+    with pytest.raises(CSMError, match="not written by csm"):
         _new(other, overwrite=True)
     assert (other / "keep.txt").read_text() == "mine"
     fresh = _new(out, overwrite=True)
@@ -184,6 +187,7 @@ def test_undecodable_image_names_the_row(finished):
     record_path = out / ".csm" / "shards" / "00002.json"
     record = json.loads(record_path.read_text())
     record["bytes"] = shard.stat().st_size
+    record["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
     record_path.write_text(json.dumps(record))
     with pytest.raises(CSMError, match="row 2 \\(group 4\\): the image does not decode"):
         load_synthetic_tensors(out)

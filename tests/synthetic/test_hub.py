@@ -37,6 +37,7 @@ class HubStub:
         self.repos = {}
         self.blobs = {}
         self.log = []
+        self.commits = []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -125,10 +126,13 @@ class HubStub:
                     "private": req.get("private", False) or req.get("visibility") == "private",
                 },
             )
-            return h.send(200, {"url": f"{self.url}/datasets/{rid}", "name": rid})
-        m = re.match(r"^/api/datasets/([^/]+/[^/]+)(/.*)?$", p)
+            kind = req.get("type") or "model"
+            self.repos[rid].setdefault("type", kind)
+            prefix = "" if kind == "model" else f"{kind}s/"
+            return h.send(200, {"url": f"{self.url}/{prefix}{rid}", "name": rid})
+        m = re.match(r"^/api/(models|datasets)/([^/]+/[^/]+)(/.*)?$", p)
         if m:
-            rid, rest = m.group(1), m.group(2) or ""
+            rid, rest = m.group(2), m.group(3) or ""
             repo = self.repos.get(rid)
             if repo is None:
                 return h.send(404, {"error": "Repository not found"}, headers=not_found)
@@ -151,7 +155,7 @@ class HubStub:
                             {
                                 "path": f["path"],
                                 "uploadMode": "lfs"
-                                if f["path"].endswith(".parquet")
+                                if f["path"].endswith((".parquet", ".safetensors"))
                                 else "regular",
                                 "shouldIgnore": False,
                             }
@@ -162,6 +166,7 @@ class HubStub:
             if rest.startswith("/commit/"):
                 if auth != "Bearer hf_good":
                     return h.send(401, {"error": "Invalid credentials"})
+                self.commits.append(rid)
                 for line in body.decode().splitlines():
                     item = json.loads(line)
                     if item["key"] == "file":
@@ -212,7 +217,7 @@ class HubStub:
                 all_entries = {e["path"]: e for e in self._entries(repo)}
                 return h.send(200, [all_entries[x] for x in paths if x in all_entries])
             return h.send(404, {"error": f"no route {p}"})
-        m = re.match(r"^/datasets/([^/]+/[^/]+)\.git/info/lfs/objects/batch$", p)
+        m = re.match(r"^/(?:datasets/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch$", p)
         if m and h.command == "POST":
             objs = json.loads(body)["objects"]
             return h.send(
@@ -235,7 +240,7 @@ class HubStub:
                 return h.send(400, {"error": "sha256 mismatch"})
             self.blobs[oid] = body
             return h.send(200, {})
-        m = re.match(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", p)
+        m = re.match(r"^/(?:datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", p)
         if m:
             repo = self.repos.get(m.group(1))
             if repo is None:
@@ -304,6 +309,8 @@ def test_push_uploads_parquet_and_card(stub, dataset, tmp_path):
             "--repo-id",
             "alice/csm-toy",
             "--private",
+            "--license",
+            "cc-by-4.0",
         ],
         env=env,
         capture_output=True,
@@ -324,9 +331,10 @@ def test_push_uploads_parquet_and_card(stub, dataset, tmp_path):
     images = table.column("image").to_pylist()
     assert images[4]["bytes"] == local.with_format("arrow")["image"][4].as_py()["bytes"]
     card = repo["files"]["README.md"].decode()
-    assert 'path: "data/train-*"' in card and "task_categories" in card
+    assert "path: data/train-*" in card and "task_categories" in card
     assert "## How it was generated" in card and "dataset_info:" in card
     assert any(m == "POST" and "lfs/objects/batch" in p for m, p in stub.log)
+    assert stub.commits == ["alice/csm-toy"]  # one commit: shards and card together
 
 
 def test_push_without_token_names_the_fix(dataset, monkeypatch):
@@ -345,7 +353,7 @@ def test_push_offline_and_unreachable(dataset, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CSMError, match="offline mode"):
-        push(PushConfig(dataset=str(dataset), repo_id="alice/x", token="hf_good"))
+        push(PushConfig(dataset=str(dataset), repo_id="alice/x", token="hf_good", license="mit"))
     # a port nobody listens on
     s = HubStub()
     url = s.url
@@ -354,7 +362,7 @@ def test_push_offline_and_unreachable(dataset, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", url)
     monkeypatch.setattr(datasets.config, "HF_ENDPOINT", url)
     with pytest.raises(CSMError, match="cannot reach"):
-        push(PushConfig(dataset=str(dataset), repo_id="alice/x", token="hf_good"))
+        push(PushConfig(dataset=str(dataset), repo_id="alice/x", token="hf_good", license="mit"))
 
 
 def test_push_rejected_token_and_bad_input(dataset, stub, monkeypatch, tmp_path):
@@ -365,9 +373,95 @@ def test_push_rejected_token_and_bad_input(dataset, stub, monkeypatch, tmp_path)
     monkeypatch.setattr(constants, "ENDPOINT", stub.url)
     monkeypatch.setattr(datasets.config, "HF_ENDPOINT", stub.url)
     with pytest.raises(CSMError, match="HTTP 401"):
-        push(PushConfig(dataset=str(dataset), repo_id="alice/x", token="hf_bad"))
+        push(PushConfig(dataset=str(dataset), repo_id="alice/x", token="hf_bad", license="mit"))
     with pytest.raises(CSMError, match="--repo-id 'nope'"):
         push(PushConfig(dataset=str(dataset), repo_id="nope", token="hf_good"))
-    with pytest.raises(CSMError, match="not a csm synthetic dataset"):
+    with pytest.raises(CSMError, match="not a csm synthetic dataset, generator or classifier"):
         push(PushConfig(dataset=str(tmp_path), repo_id="alice/x", token="hf_good"))
     assert stub.repos == {}
+
+
+@pytest.fixture()
+def hub(stub, monkeypatch):
+    """The stand-in Hub as the endpoint of in-process pushes (plain LFS, not Xet)."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", stub.url)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", stub.url)
+    return stub
+
+
+def _card(stub, rid):
+    from huggingface_hub import DatasetCard
+
+    return DatasetCard(stub.repos[rid]["files"]["README.md"].decode())
+
+
+def test_push_twice_one_commit_each_and_the_same_valid_card(hub, dataset):
+    cfg = PushConfig(dataset=str(dataset), repo_id="alice/twice", token="hf_good", license="mit")
+    push(cfg)
+    first = hub.repos["alice/twice"]["files"]["README.md"].decode()
+    files_first = sorted(hub.repos["alice/twice"]["files"])
+    push(cfg)
+    second = hub.repos["alice/twice"]["files"]["README.md"].decode()
+    assert hub.commits == ["alice/twice", "alice/twice"]
+    assert second == first and "---\n---" not in second and second.count("\n---\n") == 1
+    assert sorted(hub.repos["alice/twice"]["files"]) == files_first
+    data = _card(hub, "alice/twice").data.to_dict()
+    assert (
+        data["license"] == "mit" and data["configs"][0]["data_files"][0]["path"] == "data/train-*"
+    )
+    info = data["dataset_info"]
+    assert info["splits"][0]["num_examples"] == 9 and info["download_size"] > 0
+    assert [f["name"] for f in info["features"]][:2] == ["image", "label"]
+    # provenance without local paths; the csm block rebuilds the data
+    assert str(dataset.parent) not in second and data["csm"]["generation"]["group_size"] == 3
+
+
+def test_push_refuses_an_unknown_licence_without_flag(hub, dataset):
+    with pytest.raises(CSMError, match="--license"):
+        push(PushConfig(dataset=str(dataset), repo_id="alice/nolic", token="hf_good"))
+    assert hub.commits == []
+
+
+def test_push_generator_and_classifier_run(hub, tmp_path):
+    import torch
+    from diffusers import DDIMScheduler
+    from huggingface_hub import ModelCard
+
+    from csm.generation.card import export_pipeline_files
+    from csm.generation.pipeline import CSMMixingPipeline, build_unet
+    from tests.helpers import make_run
+
+    torch.manual_seed(0)
+    unet = build_unet(2, image_size=8, in_channels=1, block_out_channels=(8,), norm_num_groups=4)
+    gen = tmp_path / "gen"
+    CSMMixingPipeline(unet=unet, scheduler=DDIMScheduler(), class_names=["a", "b"]).save_pretrained(
+        gen
+    )
+    with pytest.raises(CSMError, match="python -m csm.generation.card"):
+        push(PushConfig(dataset=str(gen), repo_id="alice/gen", token="hf_good"))
+    export_pipeline_files(gen)
+    (gen / "checkpoints").mkdir()
+    (gen / "checkpoints" / "junk.bin").write_bytes(b"x")
+    assert "the generator" in push(
+        PushConfig(dataset=str(gen), repo_id="alice/gen", token="hf_good")
+    )
+    files = hub.repos["alice/gen"]["files"]
+    assert {"model_index.json", "pipeline_csm.py", "README.md"} <= set(files)
+    assert (
+        "unet/diffusion_pytorch_model.safetensors" in files and "checkpoints/junk.bin" not in files
+    )
+    assert hub.repos["alice/gen"]["type"] == "model"
+
+    run = make_run(tmp_path / "run", ["a", "b"], info={"method": "focal", "val/cal/ECE": 0.05})
+    push(PushConfig(dataset=str(run), repo_id="alice/run", token="hf_good"))
+    files = hub.repos["alice/run"]["files"]
+    assert {"model.safetensors", "model.json", "config.yaml", "class_names.json"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "pytorch" and card.data.license == "cc-by-4.0"  # digits
+    assert "method `focal`" in card.text and "| `val/cal/ECE` | 0.05 |" in card.text
+    assert hub.commits == ["alice/gen", "alice/run"]

@@ -86,3 +86,22 @@ def test_integer_targets_are_rejected() -> None:
     x, _ = _batch()
     with pytest.raises(ValueError, match="dense"):
         Mixup()(x, torch.zeros(8, dtype=torch.long), torch.Generator())
+
+
+def test_supcon_views_are_seeded_crops_of_the_image() -> None:
+    from csm.training.batch_transforms import SupConViews
+
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    views = SupConViews()
+    a = views(x, torch.Generator().manual_seed(1))
+    b = views(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    assert not torch.equal(a, views(x, torch.Generator().manual_seed(2)))
+    # no crop (area 1, ratio 1 when scale is (1, 1) is not guaranteed: ratio varies), no jitter,
+    # no grayscale: a full-area crop of aspect ratio 1 is the identity resampling
+    ident = SupConViews(scale=(1.0, 1.0), jitter=0.0, jitter_p=0.0, grayscale_p=0.0)
+    boxes = ident.crop_boxes(1000, torch.Generator().manual_seed(0))
+    area = boxes[:, 2] * boxes[:, 3]
+    assert float(area.max()) <= 1.0 + 1e-6 and bool((boxes[:, 2] <= 1).all())
+    gray = SupConViews(jitter_p=0.0, grayscale_p=1.0)(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])

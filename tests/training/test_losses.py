@@ -65,10 +65,11 @@ def test_tiny_literal_values() -> None:
     assert float(DualFocalLoss(gamma=2.0)(z, y)) == pytest.approx(0.25 * math.log(2))
     # KL to its own distribution is 0
     assert float(KLDivergence()(z, torch.tensor([[0.5, 0.5]]))) == pytest.approx(0.0, abs=1e-7)
-    # MbLS: gaps (0, 4) with margin 1 -> penalty 3, weight 0.1
+    # MbLS: gaps (0, 4) with margin 1 -> penalties (0, 3), weight 0.1; summed over classes
     z2 = torch.tensor([[4.0, 0.0]])
     expected = math.log(1 + math.exp(-4.0)) + 0.1 * 3.0
-    assert float(MarginLabelSmoothing(margin=1.0, weight=0.1)(z2, y)) == pytest.approx(expected)
+    mbls_sum = MarginLabelSmoothing(margin=1.0, weight=0.1, class_reduction="sum")
+    assert float(mbls_sum(z2, y)) == pytest.approx(expected)
 
 
 # ------------------------------------------------------------------ NumPy references
@@ -292,3 +293,69 @@ def test_supcon_matches_explicit_formula() -> None:
             per.append(-np.mean([math.log(math.exp(z[i] @ z[p] / tau) / denom) for p in pos]))
     got = supcon_loss(_t(z, torch.float32), torch.tensor(labels), tau)
     assert float(got) == pytest.approx(np.mean(per), rel=1e-4)
+
+
+def test_mbls_default_averages_the_margin_penalty_over_classes() -> None:
+    # reference LogitMarginL1: relu(max_j z_j - z_k - m).mean() over the (N, K) distances.
+    # 3 classes, z = (5, 1, -2), m = 2: distances (0, 4, 7) -> penalties (0, 2, 5), mean 7/3
+    z = torch.tensor([[5.0, 1.0, -2.0]])
+    y = torch.tensor([1])
+    ce = -math.log(math.exp(1.0) / (math.exp(5.0) + math.exp(1.0) + math.exp(-2.0)))
+    got = float(MarginLabelSmoothing(margin=2.0, weight=0.1)(z, y))
+    assert got == pytest.approx(ce + 0.1 * 7.0 / 3.0, rel=1e-6)
+    summed = float(MarginLabelSmoothing(margin=2.0, weight=0.1, class_reduction="sum")(z, y))
+    assert summed == pytest.approx(ce + 0.1 * 7.0, rel=1e-6)
+
+
+def test_bsce_gra_reference_defaults_are_norm_1_gamma_1() -> None:
+    # weight = ||e_y - p||_1: p = softmax(0, ln 3) = (1/4, 3/4), y = 0 -> |3/4| + |3/4| = 3/2
+    z = torch.tensor([[0.0, math.log(3.0)]])
+    loss = GradientBSCE()
+    assert (loss.beta, loss.gamma) == (1.0, 1.0)
+    assert float(loss(z, torch.tensor([0]))) == pytest.approx(1.5 * math.log(4.0), rel=1e-6)
+
+
+def test_supcon_reference_scale_tau_over_base_tau() -> None:
+    # rows 0 and 1 share a class; row 2 is alone (no positive, not an anchor)
+    z = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=1)
+    labels = torch.tensor([0, 0, 1])
+    plain = float(supcon_loss(z, labels, 0.1))
+    scaled = float(supcon_loss(z, labels, 0.1, base_temperature=0.07))
+    assert scaled == pytest.approx(plain * 0.1 / 0.07, rel=1e-6)
+    # by hand for anchor 0: sims/tau (6, 0) to rows (1, 2); -log(e^6 / (e^6 + e^0))
+    a0 = math.log1p(math.exp(-6.0))
+    a1 = -math.log(math.exp(6.0) / (math.exp(6.0) + math.exp(8.0)))
+    assert plain == pytest.approx((a0 + a1) / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------ reduction, as torch's losses
+def test_reduction_none_gives_the_hand_computed_per_sample_values() -> None:
+    z, y = _t(Z, torch.float32), torch.tensor(Y)
+    ce = -np.log(P[np.arange(4), Y])
+    np.testing.assert_allclose(CrossEntropy(reduction="none")(z, y).numpy(), ce, rtol=1e-6)
+    brier = ((P - SOFT) ** 2).sum(1)
+    got = BrierScore(reduction="none")(z, _t(SOFT, torch.float32))
+    np.testing.assert_allclose(got.numpy(), brier, rtol=1e-6)
+    focal = -((1 - P[np.arange(4), Y]) ** 2) * np.log(P[np.arange(4), Y])
+    np.testing.assert_allclose(FocalLoss(2.0, reduction="none")(z, y).numpy(), focal, rtol=1e-5)
+    assert float(FocalLoss(2.0, reduction="sum")(z, y)) == pytest.approx(focal.sum(), rel=1e-5)
+    # torch's own cross-entropy with the same reduction
+    for red in ("none", "sum", "mean"):
+        ref = F.cross_entropy(z, y, reduction=red)
+        assert torch.allclose(CrossEntropy(reduction=red)(z, y), ref)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_mean_is_sum_over_n_and_none_is_per_sample(name: str) -> None:
+    z = torch.randn(6, 5, generator=torch.Generator().manual_seed(3)) * 2
+    y = torch.tensor([0, 4, 2, 2, 1, 3])
+    for target in (y, F.one_hot(y, 5).float() * 0.8 + 0.04):
+        mean = LOSSES[name](reduction="mean")(z, target)
+        total = LOSSES[name](reduction="sum")(z, target)
+        each = LOSSES[name](reduction="none")(z, target)
+        assert mean.ndim == 0 and total.ndim == 0 and each.shape == (6,)
+        assert float(mean) == pytest.approx(float(total) / 6, rel=1e-5)
+        assert float(each.sum()) == pytest.approx(float(total), rel=1e-5)
+        assert float(mean) == pytest.approx(float(LOSSES[name]()(z, target)), rel=1e-6)
+    with pytest.raises(CSMError, match="reduction='avg'"):
+        LOSSES[name](reduction="avg")

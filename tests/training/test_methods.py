@@ -15,6 +15,8 @@ from csm.training.methods import (
     METHODS,
     Batch,
     CorrectnessHistory,
+    RankMixupMethod,
+    RefCalMethod,
     StepState,
     all_method_params,
     build_method,
@@ -259,13 +261,48 @@ def test_regmixup_and_rankmixup_values() -> None:
     assert _value("regmixup", model, batch) == pytest.approx(float(clean + mixed), 1e-5)
 
     g = torch.Generator().manual_seed(0)
-    lam = sample_beta(1.0, g)
+    lam = sample_beta(2.0, g)  # the reference's CIFAR alpha
     perm = torch.randperm(6, generator=g)
     with torch.no_grad():
         xm = lam * batch.x + (1 - lam) * batch.x[perm]
-        mrl = F.relu(model(xm).max(1).values - model(batch.x).max(1).values + 2.0).mean()
+        mixed_rows = (batch.y != batch.y[perm]).float()  # a same-label partner is no mix
+        gap = model(xm).max(1).values - model(batch.x).max(1).values
+        mrl = (mixed_rows * F.relu(gap + 2.0)).sum() / 6
     got = _value("rankmixup", model, batch)
     assert got == pytest.approx(float(clean + 0.1 * mrl), rel=1e-5)
+
+
+def test_rankmixup_never_ranks_a_sample_mixed_with_itself() -> None:
+    # hand example: rows 0 and 2 are mixed with themselves / a same-label partner, row 1 with
+    # another class; only row 1 enters the mean (divided by N = 3, as the reference)
+    clean = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    mixed = torch.tensor([[5.0, 0.0], [1.5, 0.5], [0.0, 9.0]])
+    target = torch.tensor([[1.0, 0.0], [0.7, 0.3], [0.0, 1.0]])
+    got = RankMixupMethod.ranking_loss(clean, mixed, target, margin=2.0)
+    # row 1: relu(1.5 - 2.0 + 2) = 1.5
+    assert float(got) == pytest.approx(1.5 / 3)
+    # every row mixed with itself (one-hot mixed targets): the ranking term vanishes
+    logits = torch.randn(6, K)
+    one_hot = F.one_hot(torch.arange(6) % K, K).float()
+    assert float(RankMixupMethod.ranking_loss(logits, logits + 5.0, one_hot, margin=2.0)) == 0.0
+
+
+def test_rankmixup_separate_forwards_by_default() -> None:
+    class CountingNet(LinearNet):
+        def forward(self, x):
+            self.batches.append(x.shape[0])
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    net, batch = CountingNet(), _batch()
+    net.batches = []
+    METHODS["rankmixup"]().compute_loss(net, batch, StepState(generator=torch.Generator()))
+    assert net.batches == [6, 6]
+    net.batches = []
+    METHODS["rankmixup"](joint_forward=True).compute_loss(
+        net, batch, StepState(generator=torch.Generator())
+    )
+    assert net.batches == [12]
 
 
 # ------------------------------------------------------------------ CLUE
@@ -492,3 +529,27 @@ def test_stage_plans() -> None:
     views = StepState(stage=1, augment=lambda t: t + 0.01)
     loss, logs = first.loss(model, Batch(x, y), views)
     assert torch.isfinite(loss) and "loss/supcon" in logs
+
+
+# ------------------------------------------------------------------ RefCal (reference settings)
+def test_refcal_stage2_carries_the_reference_lr_and_weight_decay() -> None:
+    stages = METHODS["refcal"]().stages(10)
+    assert [(s.lr, s.weight_decay) for s in stages] == [(None, None), (5.0, 0.0)]
+    own = RefCalMethod(head_lr=0.0, head_weight_decay=1e-4).stages(10)[1]
+    assert (own.lr, own.weight_decay) == (None, 1e-4)  # 0 keeps the run's --lr
+    with pytest.raises(CSMError, match="views"):
+        RefCalMethod(views="random")
+
+
+def test_refcal_simclr_views_are_seeded_and_differ_from_trainer_views() -> None:
+    torch.manual_seed(0)
+    model, batch = LinearNet(), _batch()
+    method = RefCalMethod()
+    state = lambda: StepState(stage=1, generator=torch.Generator().manual_seed(3))  # noqa: E731
+    a, _ = method.pretrain_loss(model, batch, augment=lambda t: t, state=state())
+    b, _ = method.pretrain_loss(model, batch, augment=lambda t: t, state=state())
+    assert float(a.detach()) == float(b.detach())
+    plain = RefCalMethod(views="trainer")
+    plain.projection = method.projection
+    c, _ = plain.pretrain_loss(model, batch, augment=lambda t: t, state=state())
+    assert float(c.detach()) != float(a.detach())

@@ -137,3 +137,49 @@ def test_bad_statistics_are_rejected():
         build_model("cnn", 10, 3, 32, [0.5], [0.2])
     with pytest.raises(CSMError, match="norm 'layer'"):
         build_model("cnn", 10, 1, 8, [0.5], [0.2], norm="layer")
+
+
+def test_hf_model_starts_from_pretrained_weights_offline(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(1)
+    cfg = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=4,
+        num_channels=1,
+        num_labels=3,  # another label count: the head is initialised afresh
+    )
+    saved = ViTForImageClassification(cfg)
+    saved.save_pretrained(tmp_path / "vit")
+    torch.manual_seed(0)
+    spec = model_spec(f"hf:{tmp_path / 'vit'}", 5, 1, 16, [0.5], [0.25], pretrained=True)
+    model = build_model_from_spec(json.loads(json.dumps(spec)))
+    want = saved.vit.embeddings.patch_embeddings.projection.weight
+    got = model.net.vit.embeddings.patch_embeddings.projection.weight
+    torch.testing.assert_close(got, want)  # the backbone is the pretrained one
+    assert model.head.out_features == 5
+    body = {k: v for k, v in saved.state_dict().items() if not k.startswith("classifier")}
+    loaded = model.net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in body.items())  # every backbone tensor
+    fresh = build_model_from_spec(spec, load_pretrained=False)  # a saved run: no download
+    assert not torch.equal(fresh.net.vit.embeddings.patch_embeddings.projection.weight, want)
+    with pytest.raises(CSMError, match="pretrained=1"):
+        build_model_from_spec({**spec, "options": {**spec["options"], "pretrained": 1}})
+    with pytest.raises(CSMError, match="cannot load pretrained"):
+        build_model_from_spec({**spec, "arch": f"hf:{tmp_path / 'gone'}"})
+
+
+def test_missing_transformers_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from csm.annotation.encoders import load_encoder
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(CSMError, match=r"pip install 'csm\[hf\]'"):
+        model_spec(f"hf:{tmp_path}", 5, 1, 16, [0.5], [0.25])
+    with pytest.raises(CSMError, match=r"encoder 'clip:x'.*csm\[hf\]"):
+        load_encoder("clip:x", device="cpu")

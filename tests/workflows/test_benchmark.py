@@ -14,9 +14,9 @@ from csm.errors import CSMError
 from csm.evaluation.leaderboard import read_results
 from csm.workflows.benchmark import (
     BenchmarkConfig,
-    _methods,
     benchmark,
     run_dir_for,
+    select_methods,
     train_config_for,
 )
 
@@ -106,7 +106,7 @@ def test_benchmark_trains_evaluates_and_resumes(tmp_path, monkeypatch):
     shutil.rmtree(broken)
     broken.mkdir()
     (broken / "notes.txt").write_text("mine")
-    with pytest.raises(CSMError, match="holds no training run; remove it"):
+    with pytest.raises(CSMError, match="holds files not written by csm"):
         benchmark(cfg)
     assert (broken / "notes.txt").is_file()
 
@@ -138,14 +138,14 @@ def test_train_config_layers_and_fixed_fields(tmp_path):
 def test_method_selection():
     from csm.training.methods import METHODS
 
-    chosen = _methods(BenchmarkConfig(methods=["all"]))
+    chosen = select_methods(BenchmarkConfig(methods=["all"]))
     assert "csm" not in chosen and "ce" in chosen  # no --synthetic: csm skipped
-    assert _methods(BenchmarkConfig(methods=["ce,ls", "focal"])) == ["ce", "ls", "focal"]
+    assert select_methods(BenchmarkConfig(methods=["ce,ls", "focal"])) == ["ce", "ls", "focal"]
     assert chosen == [m for m in METHODS if not getattr(METHODS[m], "needs_synthetic", False)]
     with pytest.raises(CSMError, match="--methods csm: needs a synthetic dataset"):
-        _methods(BenchmarkConfig(methods=["ce", "csm"]))
+        select_methods(BenchmarkConfig(methods=["ce", "csm"]))
     with pytest.raises(CSMError, match="--methods bogus: unknown"):
-        _methods(BenchmarkConfig(methods=["bogus"]))
+        select_methods(BenchmarkConfig(methods=["bogus"]))
     with pytest.raises(CSMError, match="--seeds 0"):
         benchmark(BenchmarkConfig(seeds=0))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.image as mpimg
+
 from csm.cli import main
 from csm.synthetic import load_synthetic_tensors, read_manifest
 
@@ -13,7 +15,7 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
     args = [
         "demo", "--out", str(out), "--cache-dir", str(cache), "--preset", "tiny",
         "--diffusion-steps", "3", "--groups", "9", "--group-size", "3", "--sample-steps", "2",
-        "--seeds", "1", "--epochs", "1", "--methods", "ce", "csm",
+        "--seeds", "1", "--epochs", "1", "--methods", "ce", "csm", "--corruptions", "blur",
     ]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -26,7 +28,23 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
         "reliability",
     ):
         assert needle in report
-    assert (out / "figures" / "lambda_sweep.png").stat().st_size > 0
+    figures = (
+        "lambda_sweep",
+        "examples",
+        "real_vs_generated",
+        "confidence_vs_lambda",
+        "training_curves",
+    )
+    for name in figures:
+        assert f"figures/{name}.png" in report
+        assert mpimg.imread(out / "figures" / f"{name}.png").shape[0] > 100
+    # 9 groups over digits' 45 pairs: the first 9 pairs, one row each, 3 λ columns
+    sweep = mpimg.imread(out / "figures" / "lambda_sweep.png")
+    assert sweep.shape[0] > sweep.shape[1]  # one row per pair (9), 3 columns of λ
+    assert (
+        "## Under distribution shift" in report and "Under shift: mean over corruptions" in report
+    )
+    assert str(tmp_path) not in report
     # the synthetic images match the real size (16 px) and were annotated by the CE classifier
     syn = load_synthetic_tensors(out / "synthetic")
     assert tuple(syn.images.shape) == (27, 1, 16, 16)

@@ -1,0 +1,265 @@
+"""Never lose a user's data (issue 18): output ownership, validation before any write, kills.
+
+Each destroyed-output case of the issue is a regression test that hashes the folder before and
+after; the kill tests inject the kill at a named moment (a patched write that raises), then
+resume and compare byte-for-byte with a clean run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from csm.errors import CSMError
+from csm.utils import KILL_ENV, OWNER_FILE, check_output, claim_output, output_owner
+from tests.helpers import make_run
+from tests.training.test_trainer import tiny
+
+NAMES = [str(i) for i in range(10)]
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative path -> digest)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Temporary files of atomic writes under ``root`` (none may survive a resume)."""
+    return [p for p in root.rglob(".*") if ".tmp" in p.name]
+
+
+def killed_at(point: str, code: str) -> None:
+    """Run ``code`` in a fresh Python that dies with ``os._exit(137)`` at kill point ``point``
+    (:func:`csm.utils.kill_point`: no cleanup runs, as under ``kill -9``)."""
+    env = {**os.environ, KILL_ENV: point}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 137, f"not killed at {point}: rc {proc.returncode}\n{proc.stderr}"
+
+
+def test_kill_point_matches_the_nth_hit(tmp_path):
+    code = (
+        "from pathlib import Path; from csm.utils import atomic_write_text as w; "
+        f"[w(Path({str(tmp_path)!r}) / f'f{{i}}.txt', 'x') for i in range(4)]"
+    )
+    killed_at("write:f*.txt#3", code)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "f0.txt",
+        "f1.txt",
+    ]
+    assert len(temp_files(tmp_path)) == 1  # the third write: complete, never renamed
+
+
+def test_claim_marks_and_refuses_foreign_and_other_kinds(tmp_path):
+    mine = claim_output(tmp_path / "a", "evaluation")
+    assert json.loads((mine / OWNER_FILE).read_text())["kind"] == "evaluation"
+    assert check_output(mine, "evaluation") is False  # only the marker: still empty
+    (mine / "results.csv").write_text("x")
+    assert check_output(mine, "evaluation") is True
+    with pytest.raises(CSMError, match="holds the output of csm evaluate"):
+        check_output(mine, "run")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    before = tree_hashes(user)
+    for kind in ("run", "generator", "synthetic", "evaluation", "benchmark", "demo"):
+        with pytest.raises(CSMError, match="not written by csm"):
+            claim_output(user, kind, overwrite=True)
+    assert tree_hashes(user) == before
+    (tmp_path / "f").write_text("")
+    with pytest.raises(CSMError, match="is a file"):
+        check_output(tmp_path / "f", "run")
+    with pytest.raises(CSMError, match="contradictory"):
+        check_output(tmp_path / "new", "run", resume=True, overwrite=True)
+
+
+def test_overwrite_keeps_marker_and_cleans_temp_files(tmp_path):
+    out = claim_output(tmp_path / "r", "run")
+    (out / "model.json").write_text("{}")
+    (out / ".config.yaml.abcd1234.tmp.yaml").write_text("half")
+    claim_output(out, "run", resume=True)
+    assert sorted(p.name for p in out.iterdir()) == [OWNER_FILE, "model.json"]
+    claim_output(out, "run", overwrite=True)
+    assert [p.name for p in out.iterdir()] == [OWNER_FILE]
+    assert output_owner(out) == "run"
+
+
+def test_fit_diffusion_never_touches_a_run_or_user_folder(tmp_path):
+    from csm.generation.fit import FitDiffusionConfig, fit_diffusion
+
+    run = make_run(tmp_path / "run", NAMES)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"state")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    for out, overwrite in ((run, False), (run, True), (user, True)):
+        before = tree_hashes(out)
+        cfg = FitDiffusionConfig(dataset="digits", preset="tiny", out=str(out), overwrite=overwrite)
+        with pytest.raises(CSMError, match="csm train|not written by csm"):
+            fit_diffusion(cfg)
+        assert tree_hashes(out) == before
+
+
+def test_train_overwrite_validates_synthetic_before_deleting(tmp_path):
+    from csm.training.trainer import train
+
+    run = make_run(tmp_path / "run", NAMES, cfg=tiny(tmp_path / "run"))
+    before = tree_hashes(run)
+    bad = tmp_path / "not-a-dataset"
+    bad.mkdir()
+    for spec in (str(bad), str(tmp_path / "missing")):
+        cfg = tiny(run, method="csm", synthetic=spec, overwrite=True)
+        with pytest.raises(CSMError, match="synthetic"):
+            train(cfg)
+        assert tree_hashes(run) == before
+    with pytest.raises(CSMError):
+        train(tiny(run, dataset=str(tmp_path / "missing"), overwrite=True))
+    assert tree_hashes(run) == before
+
+
+def test_evaluate_refuses_its_run_and_finished_results(tmp_path):
+    from csm.evaluation.evaluate import EvaluateConfig, check_out
+
+    run = make_run(tmp_path / "run", NAMES)
+    before = tree_hashes(run)
+    with pytest.raises(CSMError, match="run directory"):
+        check_out(EvaluateConfig(runs=[str(run)], out=str(run)))
+    with pytest.raises(CSMError, match="csm train"):
+        check_out(EvaluateConfig(runs=[], out=str(run)))
+    assert tree_hashes(run) == before
+    ev = claim_output(tmp_path / "ev", "evaluation")
+    (ev / "evaluation.json").write_text("{}")
+    with pytest.raises(CSMError, match="--overwrite"):
+        check_out(EvaluateConfig(runs=[str(run)], out=str(ev)))
+    check_out(EvaluateConfig(runs=[str(run)], out=str(ev), overwrite=True))
+
+
+def test_generate_refuses_non_finite_guidance_and_file_out(tmp_path):
+    from csm.generation.generate import GenerateConfig, generate
+
+    (tmp_path / "f").write_text("")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    for kwargs, match in (
+        ({"guidance": float("nan")}, "finite"),
+        ({"guidance": float("inf")}, "finite"),
+        ({"out": str(tmp_path / "f")}, "is a file"),
+    ):
+        values = {"model": str(model), "out": str(tmp_path / "syn"), "groups": 1} | kwargs
+        with pytest.raises(CSMError, match=match):
+            generate(GenerateConfig(**values))
+    assert not (tmp_path / "syn").exists()
+
+
+def test_kill_during_first_config_write_then_resume_equals_clean_run(tmp_path, monkeypatch):
+    import csm.training.runs as runs
+    from csm.training.trainer import train
+
+    clean = train(tiny(tmp_path / "clean"))
+    out = tmp_path / "killed"
+
+    def killed(*args, **kwargs):
+        (out / ".config.yaml.killedxx.tmp.yaml").write_text("half")  # what a kill leaves
+        raise KeyboardInterrupt("kill -9 while writing config.yaml")
+
+    monkeypatch.setattr(runs, "save_config", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(out))
+    monkeypatch.undo()
+    assert output_owner(out) == "run" and not (out / "config.yaml").exists()
+    train(tiny(out, resume=True))  # neither --resume nor --overwrite is refused
+    assert not list(out.rglob("*.tmp*"))
+    assert (out / "model.safetensors").read_bytes() == (clean / "model.safetensors").read_bytes()
+    assert (out / "class_names.json").read_bytes() == (clean / "class_names.json").read_bytes()
+    assert (out / "model.json").read_bytes() == (clean / "model.json").read_bytes()
+
+
+def test_failed_first_epoch_leaves_nothing_behind(tmp_path):
+    from csm.training.trainer import train
+
+    out = tmp_path / "diverged"
+    with pytest.raises(CSMError, match="diverged"):
+        train(tiny(out, lr=1e30, grad_clip=0.0))
+    assert not out.exists()
+    train(tiny(out))  # a retry with another lr is not refused
+    assert (out / "run.json").is_file()
+
+
+def test_reader_rejects_same_size_label_tampering(tmp_path):
+    import pyarrow as pa
+
+    from csm.synthetic.storage import file_sha256, read_verified_table, write_table_atomic
+
+    path = tmp_path / "t.arrow"
+    write_table_atomic(pa.table({"x": [1.0, 2.0]}), path)
+    record = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    assert read_verified_table(path, record).column("x").to_pylist() == [1.0, 2.0]
+    data = bytearray(path.read_bytes())
+    data[len(data) - 16] ^= 0xFF  # a byte of the values, same file size
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == record["bytes"]
+    with pytest.raises(CSMError, match="differs from what was written"):
+        read_verified_table(path, record)
+
+
+# they record the command line (--resume) or wall-clock time (metrics.csv's time_s, loop.json)
+RESULT_SKIP = ("config.yaml", "generate_config.yaml", "metrics.csv", "loop.json")
+
+
+def result_hashes(root: Path) -> dict[str, str]:
+    """:func:`tree_hashes` of a result, without the files that record options or timings."""
+    return {k: v for k, v in tree_hashes(root).items() if Path(k).name not in RESULT_SKIP}
+
+
+def test_os_exit_during_first_config_write_then_resume(tmp_path):
+    from csm.training.trainer import train
+
+    clean = train(tiny(tmp_path / "clean"))
+    out = tmp_path / "killed"
+    setup = "from tests.training.test_trainer import tiny; from csm.training.trainer import train"
+    killed_at("write:config.yaml", f"{setup}; train(tiny({str(out)!r}))")
+    assert temp_files(out) and not (out / "config.yaml").exists()
+    train(tiny(out, resume=True))
+    assert not temp_files(out) and result_hashes(out) == result_hashes(clean)
+
+
+def test_os_exit_during_a_shard_write_then_resume(tmp_path):
+    import torch
+    from diffusers import DDIMScheduler
+
+    from csm.generation.generate import GenerateConfig, generate
+    from csm.generation.pipeline import CSMMixingPipeline, build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(3, image_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
+    sched = DDIMScheduler(num_train_timesteps=50, beta_schedule="linear", clip_sample=False)
+    model = tmp_path / "pipe"
+    CSMMixingPipeline(unet=unet, scheduler=sched, class_names=["a", "b", "c"]).save_pretrained(
+        model
+    )
+    opts = dict(model=str(model), groups=3, group_size=2, steps=1, groups_per_shard=1)
+    opts |= dict(device="cpu")
+    generate(GenerateConfig(out=str(tmp_path / "clean"), **opts))
+    out = tmp_path / "killed"
+    code = (
+        "from csm.generation.generate import GenerateConfig, generate; "
+        f"generate(GenerateConfig(out={str(out)!r}, **{opts!r}))"
+    )
+    killed_at("write:data-00001-of-00003.arrow", code)
+    assert temp_files(out) and not (out / "train" / "data-00001-of-00003.arrow").exists()
+    generate(GenerateConfig(out=str(out), resume=True, **opts))
+    assert not temp_files(out) and result_hashes(out) == result_hashes(tmp_path / "clean")
