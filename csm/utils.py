@@ -148,14 +148,17 @@ OWNER_FILE = ".csm-owner.json"
 """The marker file naming the command that owns an output folder."""
 
 OUTPUT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "demo": ("csm demo", ("demo.json",)),
+    "benchmark": ("csm benchmark", ("benchmark.json",)),
+    "evaluation": ("csm evaluate", ("evaluation.json",)),
     "run": ("csm train", ("model.json", "run.json")),
     "generator": ("csm fit-diffusion", ("training_config.json", "model_index.json")),
     "synthetic": ("csm generate", ("csm_synthetic.json",)),
-    "evaluation": ("csm evaluate", ("evaluation.json",)),
-    "benchmark": ("csm benchmark", ("benchmark.json",)),
-    "demo": ("csm demo", ("demo.json",)),
 }
-"""kind -> (the command that writes it, files that identify a folder written before markers)."""
+"""kind -> (the command that writes it, files that identify a folder written before markers).
+
+Checked in this order: a benchmark folder also holds its evaluation's ``evaluation.json``, so
+the whole-pipeline kinds come before the stages they contain."""
 
 # atomic_path's temporary names: ".<name>.<8 random chars>.tmp<suffix>" (tempfile.mkstemp)
 _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^/]*)?$")

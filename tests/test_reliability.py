@@ -85,6 +85,21 @@ def test_claim_marks_and_refuses_foreign_and_other_kinds(tmp_path):
         check_output(tmp_path / "new", "run", resume=True, overwrite=True)
 
 
+def test_folders_written_before_markers_are_recognised_by_their_files(tmp_path):
+    from csm.utils import output_owner
+
+    bench = tmp_path / "bench"  # a benchmark also holds its evaluation's evaluation.json
+    bench.mkdir()
+    for name in ("benchmark.json", "evaluation.json", "results.csv"):
+        (bench / name).write_text("{}")
+    assert output_owner(bench) == "benchmark" and check_output(bench, "benchmark") is True
+    with pytest.raises(CSMError, match="holds the output of csm benchmark"):
+        check_output(bench, "evaluation")
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "evaluation.json").write_text("{}")
+    assert output_owner(tmp_path / "ev") == "evaluation"
+
+
 def test_overwrite_keeps_marker_and_cleans_temp_files(tmp_path):
     out = claim_output(tmp_path / "r", "run")
     (out / "model.json").write_text("{}")
