@@ -218,11 +218,13 @@ def _header(board: _Board, n_bins: int) -> list[str]:
         f"ECE, MCE, OE, UE: {n_bins} equal-width bins on the top-label confidence, "
         "[lo, hi) with the last bin closed so confidence 1.0 lands in it; "
         f"AdaECE: {n_bins} equal-mass bins; classwise ECE: {n_bins} equal-width bins per "
-        "class; smECE and KS use no bins. "
+        "class; smECE, KS, KDE-ECE (Zhang et al. 2020) and MMCE (Kumar et al. 2018, "
+        "Laplacian kernel, width 0.4) use no bins. "
         "mis-AUROC: misclassification detection by max-softmax (alien: by -uncertainty; correct "
-        "= positive); AURC and "
-        "E-AURC from the risk-coverage curve; Risk@80: error at 80% coverage; OOD-AUROC: "
-        "in-distribution vs OOD by max-softmax.",
+        "= positive); AURC, E-AURC and AUGRC (Traub et al. 2024) from the risk-coverage curve; "
+        "Risk@80: error at 80% coverage; Cov@5Risk: the largest coverage with error <= 5% (0 "
+        "when none); OOD-AUROC, OOD-AUPR and FPR95: in-distribution vs OOD by max-softmax, OOD "
+        "positive.",
     ]
 
 
