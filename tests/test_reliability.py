@@ -278,3 +278,15 @@ def test_os_exit_during_a_shard_write_then_resume(tmp_path):
     assert temp_files(out) and not (out / "train" / "data-00001-of-00003.arrow").exists()
     generate(GenerateConfig(out=str(out), resume=True, **opts))
     assert not temp_files(out) and result_hashes(out) == result_hashes(tmp_path / "clean")
+
+
+def test_uncached_hub_model_offline_is_one_short_line(tmp_path, capsys):
+    from csm.cli import main
+
+    out = tmp_path / "syn"
+    args = ["generate", "--model", "someone/not-a-model", "--out", str(out), "--groups", "4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("csm: error: someone/not-a-model: no such folder, and not in the")
+    assert "\n" not in err and len(err) < 300 and "Couldn't connect" not in err
+    assert not out.exists()

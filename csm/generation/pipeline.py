@@ -205,6 +205,31 @@ def _inject(modules: Sequence[torch.nn.Module], weights: torch.Tensor, table):
             h.remove()
 
 
+def _short(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters (one-line errors)."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _require_cached(repo_id: str) -> None:
+    """Offline, refuse a Hub id that is not in the local cache with one line (before diffusers
+    logs its connection warnings and a long error that points at a stack trace it does not show).
+    """
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        return  # online: diffusers downloads it (or reports that it does not exist)
+    try:
+        huggingface_hub.snapshot_download(repo_id, local_files_only=True)
+    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError (not an id), ...
+        raise CSMError(
+            f"{repo_id}: no such folder, and not in the Hugging Face cache (offline mode, "
+            f"{type(exc).__name__}); pass a folder written by `csm fit-diffusion` or download "
+            "the model once online"
+        ) from exc
+
+
 class CSMMixingPipeline(DiffusionPipeline):
     r"""Sample images whose class condition is a convex mixture of two classes.
 
@@ -331,16 +356,18 @@ class CSMMixingPipeline(DiffusionPipeline):
                 f"{path}: not a diffusers pipeline folder (no model_index.json); pass the folder "
                 "written by `csm fit-diffusion` or pipe.save_pretrained"
             )
+        if not path.exists():
+            _require_cached(str(pretrained_model_name_or_path))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except (OSError, ValueError, TypeError) as exc:
             if path.exists():
-                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                msg = _short(exc)
                 raise CSMError(
                     f"{path}: cannot load as a class-conditional diffusers model ({msg}); "
                     "pass a folder written by `csm fit-diffusion`"
                 ) from exc
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            msg = _short(exc)
             raise CSMError(
                 f"{pretrained_model_name_or_path}: no such folder, and not loadable as a Hub id "
                 f"({msg}); pass a folder written by `csm fit-diffusion` or a cached Hub id"
