@@ -97,6 +97,13 @@ COMMANDS: dict[str, Command] = {
         "csm.workflows.benchmark:BenchmarkConfig",
         "csm.workflows.benchmark:benchmark",
     ),
+    "inspect": Command(
+        "a generator quality report (JSON + PNG): judge recognition of pure-class samples, "
+        "lambda curves, monotone and flipped shares, diversity and labelled grids",
+        "csm.workflows.inspect:InspectConfig",
+        "csm.workflows.inspect:inspect",
+        positional=("source",),
+    ),
     "demo": Command(
         "the whole pipeline on an embedded dataset in minutes: fit, generate, annotate, train, "
         "evaluate, report (resumable)",

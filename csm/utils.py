@@ -151,6 +151,7 @@ OUTPUT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "demo": ("csm demo", ("demo.json",)),
     "benchmark": ("csm benchmark", ("benchmark.json",)),
     "evaluation": ("csm evaluate", ("evaluation.json",)),
+    "inspect": ("csm inspect", ("inspect.json",)),
     "run": ("csm train", ("model.json", "run.json")),
     "generator": ("csm fit-diffusion", ("training_config.json", "model_index.json")),
     "synthetic": ("csm generate", ("csm_synthetic.json",)),
