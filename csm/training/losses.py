@@ -470,6 +470,16 @@ class ClueLoss(CalibrationLoss):
         self.alpha = check_range("alpha", alpha, 0.0, 1.0)
         self.mode = check_choice("mode", mode, ("batch_mean", "per_sample"))
 
+    @staticmethod
+    def components(
+        logits: Tensor, target: Tensor, mc_probs: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-row error ``L_e`` (cross-entropy) and uncertainty ``u`` (entropy), ``(N,)`` each."""
+        logits = logits.float()
+        err = _soft_ce(logits, dense_target(target, logits))
+        probs = F.softmax(logits, dim=1) if mc_probs is None else mc_probs.float()
+        return err, entropy(probs)
+
     def forward(self, logits: Tensor, target: Tensor, mc_probs: Tensor | None = None) -> Tensor:
         """Mean CLUE loss.
 
@@ -478,11 +488,7 @@ class ClueLoss(CalibrationLoss):
             target: ``(N,)`` class indices or ``(N, K)`` dense targets.
             mc_probs: optional ``(N, K)`` MC-dropout averaged probabilities for ``u``.
         """
-        logits = logits.float()
-        t = dense_target(target, logits)
-        err = _soft_ce(logits, t)
-        probs = F.softmax(logits, dim=1) if mc_probs is None else mc_probs.float()
-        u = entropy(probs)
+        err, u = self.components(logits, target, mc_probs)
         gap = err.mean() - u.mean() if self.mode == "batch_mean" else err - u
         return self.reduce(self.alpha * err + (1.0 - self.alpha) * gap**2)
 

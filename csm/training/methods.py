@@ -55,10 +55,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
@@ -376,7 +377,9 @@ class ClueMethod(Method):
     ``u`` is the entropy of the MC-dropout average of ``mc_samples`` stochastic forward passes
     when the model has active dropout in training mode (the first pass also gives the loss);
     without dropout every pass is identical, so one pass is used. See
-    :class:`csm.training.losses.ClueLoss` for ``alpha`` and ``mode``.
+    :class:`csm.training.losses.ClueLoss` for ``alpha`` and ``mode``. Logs the batch means of
+    ``L_e`` (``loss/err``) and ``u`` (``loss/u``); why alpha = 0.5 under-fits the short CPU
+    recipes is in ``docs/fidelity.md`` ("Issue 13: CLUE under-fits").
 
     Args:
         alpha: weight of the error term in [0, 1] (0.5, [unverified]).
@@ -411,7 +414,9 @@ class ClueMethod(Method):
                 probs = probs + F.softmax(model(batch.x).float(), dim=1)
             mc_probs = probs / self.mc_samples
         loss = self.loss(logits, batch.y, mc_probs=mc_probs)
-        return loss, _detach({"loss": loss})
+        with torch.no_grad():
+            err, u = self.loss.components(logits, batch.y, mc_probs)
+        return loss, _detach({"loss": loss, "loss/err": err.mean(), "loss/u": u.mean()})
 
 
 # --------------------------------------------------------------------------- CRL
@@ -560,6 +565,25 @@ class RegMixupMethod(MixupMethod):
         return loss, _detach({"loss": loss, "loss/clean": clean, "loss/mixed": mixed})
 
 
+@contextlib.contextmanager
+def frozen_bn_running_stats(model: nn.Module) -> Iterator[None]:
+    """Forwards inside leave every BatchNorm's running mean and variance unchanged.
+
+    In train mode BatchNorm still normalises with the batch's own statistics; only the running
+    update (``running = (1 - momentum) * running + momentum * batch``) is disabled, by setting
+    ``momentum = 0`` (``num_batches_tracked`` still counts). Restored on exit.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    try:
+        for m in bns:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, momentum in zip(bns, saved, strict=True):
+            m.momentum = momentum
+
+
 class RankMixupMethod(MixupMethod):
     """RankMixup (Noh et al., ICCV 2023) with the mixup ranking loss (MRL).
 
@@ -571,15 +595,23 @@ class RankMixupMethod(MixupMethod):
     ``lam`` is 0 or 1): such a pair is not a mix, so it is never ranked; the mean still divides
     by N. Clean and mixed images go through separate forwards (``model(inputs)`` then
     ``forward_multimixup`` in the reference's ``calibrate/engine/trainer.py``), so BatchNorm
-    normalises each with its own statistics; ``joint_forward=True`` concatenates them. Defaults
-    from the reference's CIFAR configs: alpha 2 (``configs/model/resnet50_mixup.yaml``), margin 2
-    and weight 0.1 (``configs/loss/mrl.yaml``). The M-NDCG variant is not implemented.
+    normalises each with its own statistics; ``joint_forward=True`` concatenates them. Both
+    reference forwards run in train mode, so BatchNorm's running statistics (used at evaluation)
+    are updated by the clean *and* the mixed batch and describe neither (on mnist5k the running
+    variance was 0.80-0.87x the clean one in the first BN layer and 1.15-1.57x in the last, and
+    val accuracy fell 6-7 points; ``docs/fidelity.md``). ``mixed_bn_update=False`` (not the
+    reference) keeps the mixed forward's batch statistics for training but leaves the running
+    statistics to the clean batches; the loss and its gradients are unchanged. Defaults from the
+    reference's CIFAR configs: alpha 2 (``configs/model/resnet50_mixup.yaml``), margin 2 and
+    weight 0.1 (``configs/loss/mrl.yaml``). The M-NDCG variant is not implemented.
 
     Args:
         alpha: Beta concentration > 0 (default 2.0).
         margin: m >= 0 (default 2).
         weight: w >= 0 (default 0.1).
         joint_forward: forward clean and mixed images as one batch (default False).
+        mixed_bn_update: let the mixed forward update BatchNorm running statistics (default
+            True, as the reference; separate forwards only).
     """
 
     name = "rankmixup"
@@ -591,11 +623,15 @@ class RankMixupMethod(MixupMethod):
         margin: Annotated[float, "ranking margin >= 0"] = 2.0,
         weight: Annotated[float, "weight of the ranking term >= 0"] = 0.1,
         joint_forward: Annotated[bool, "forward clean and mixed images as one batch"] = False,
+        mixed_bn_update: Annotated[
+            bool, "mixed forward updates BatchNorm running stats (reference: true)"
+        ] = True,
     ) -> None:
         super().__init__(alpha)
         self.margin = check_range("margin", margin, 0.0)
         self.weight = check_range("weight", weight, 0.0)
         self.joint_forward = bool(joint_forward)
+        self.mixed_bn_update = bool(mixed_bn_update)
 
     @staticmethod
     def ranking_loss(
@@ -616,7 +652,12 @@ class RankMixupMethod(MixupMethod):
             logits = model(torch.cat([batch.x, x_mixed])).float()
             clean_logits, mixed_logits = logits[:n], logits[n:]
         else:
-            clean_logits, mixed_logits = model(batch.x).float(), model(x_mixed).float()
+            clean_logits = model(batch.x).float()
+            if self.mixed_bn_update:
+                mixed_logits = model(x_mixed).float()
+            else:
+                with frozen_bn_running_stats(model):
+                    mixed_logits = model(x_mixed).float()
         clean = self.ce(clean_logits, batch.y)
         mrl = self.ranking_loss(clean_logits, mixed_logits, y_mixed, self.margin)
         loss = clean + self.weight * mrl

@@ -195,6 +195,9 @@ def test_clue_modes() -> None:
     ref = alpha * ce.mean() + (1 - alpha) * (ce.mean() - math.log(3)) ** 2
     got = ClueLoss(alpha)(_t(Z, torch.float32), torch.tensor(Y), mc_probs=_t(mc, torch.float32))
     assert float(got) == pytest.approx(ref, rel=1e-5)
+    err, unc = ClueLoss.components(_t(Z, torch.float32), torch.tensor(Y))
+    np.testing.assert_allclose(err.numpy(), ce, rtol=1e-5)
+    np.testing.assert_allclose(unc.numpy(), u, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ properties of every loss

@@ -305,6 +305,26 @@ def test_rankmixup_separate_forwards_by_default() -> None:
     assert net.batches == [12]
 
 
+@pytest.mark.parametrize("update", [True, False])
+def test_rankmixup_mixed_bn_update(update: bool) -> None:
+    """Reference default: the mixed forward also moves BN's running stats; with
+    ``mixed_bn_update=False`` they equal those of the clean forward alone (hand EMA)."""
+    torch.manual_seed(0)
+    net, batch = TinyCNN(), _batch()
+    net.drop.p = 0.0
+    with torch.no_grad():
+        feats = net.conv(batch.x)
+    m = net.bn.momentum
+    clean_mean = (1 - m) * 0.0 + m * feats.mean(dim=(0, 2, 3))
+    method = METHODS["rankmixup"](mixed_bn_update=update)
+    loss, _ = method.compute_loss(net, batch, StepState(generator=torch.Generator()))
+    assert torch.isfinite(loss)
+    assert net.bn.momentum == m  # restored
+    same = torch.allclose(net.bn.running_mean, clean_mean, atol=1e-6)
+    assert same is (not update)
+    assert int(net.bn.num_batches_tracked) == 2
+
+
 # ------------------------------------------------------------------ CLUE
 def test_clue_uses_mc_dropout_only_when_dropout_exists() -> None:
     cnn = TinyCNN()
@@ -321,6 +341,17 @@ def test_clue_uses_mc_dropout_only_when_dropout_exists() -> None:
     cnn.forwards = 0
     build_method("clue", {"mc_samples": 3}).compute_loss(cnn, _batch(), StepState())
     assert cnn.forwards == 1  # no dropout noise in eval mode
+
+
+def test_clue_logs_mean_error_and_entropy() -> None:
+    torch.manual_seed(0)
+    net, batch = LinearNet(), _batch()
+    _, logs = METHODS["clue"]().compute_loss(net, batch, StepState())
+    with torch.no_grad():
+        logits = net(batch.x)
+    p = logits.softmax(1)
+    assert float(logs["loss/err"]) == pytest.approx(float(F.cross_entropy(logits, batch.y)))
+    assert float(logs["loss/u"]) == pytest.approx(float(-(p * p.log()).sum(1).mean()))
 
 
 # ------------------------------------------------------------------ CRL
