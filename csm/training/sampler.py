@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from csm.errors import CSMError
-from csm.training.config import MEMBER_ORDERS, TrainConfig
+from csm.training.config import TrainConfig
 
 __all__ = [
     "SyntheticSampler",
@@ -157,14 +157,9 @@ def load_synthetic_for(cfg: TrainConfig, real: Any) -> tuple[Any, SyntheticSampl
     # DIR or an unknown NAME is one CSMError naming --synthetic and listing the names
     syn = load_synthetic_tensors(cfg.synthetic, option="--synthetic")
     check_synthetic_matches(syn, real.class_names, real.image_shape, cfg.synthetic)
-    order = cfg.syn_member_order
-    if order not in MEMBER_ORDERS:
-        raise CSMError(
-            f"--syn-member-order {order!r}: unknown; use one of {', '.join(MEMBER_ORDERS)}"
-        )
-    rank = (
-        member_rank(syn.soft_labels, syn.class_a, syn.class_b) if order == "reannotated" else None
-    )
+    # cfg.syn_member_order is one of config.MEMBER_ORDERS (validate_config checked it)
+    reannotated = cfg.syn_member_order == "reannotated"
+    rank = member_rank(syn.soft_labels, syn.class_a, syn.class_b) if reannotated else None
     sampler = SyntheticSampler(
         syn.group_id,
         syn.lam,

@@ -72,7 +72,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from csm.calibration.metrics import (
-    METRIC_ALIASES,
     canonical_metric,
     compute_all,
     higher_is_better,
@@ -183,7 +182,7 @@ def _better(metric: str, new: dict[str, Any], best: dict[str, Any] | None) -> bo
     """Whether ``new`` beats ``best`` on ``val/metric`` (ties: lower val NLL)."""
     if best is None:
         return True
-    metric = canonical_metric(metric) if metric in METRIC_ALIASES else metric
+    metric = canonical_metric(metric)  # torch-uncertainty aliases -> our names
     key = f"val/{metric}"
     if key not in new:
         raise CSMError(
