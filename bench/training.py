@@ -19,8 +19,13 @@ The goal of issue 5 is ``csm >= 0.9 x ce`` per (forwarded) image: CSM must not b
 image than plain training; it necessarily sees 3x the images per real batch. ``ce_batch256`` /
 ``ce_batch384`` (``--ce-reference``) time plain CE with 2x / 3x the batch, which separates the
 cost of CSM's extra code (sampler, synthetic augmentation, second forward) from the hardware's
-per-image cost at a larger forward batch (on a CPU the per-image cost grows with the batch once
-activations leave the cache).
+per-image cost at a larger forward batch.
+
+On the CPU the steps run inside :class:`csm.training.trainer.CPUHeapReuse`, as ``csm train`` runs
+them: without it glibc gives every tensor of 32 MiB or more fresh ``mmap`` pages that the kernel
+zero-fills on each step, so the per-image cost grows with the batch (page faults, counted in the
+process CPU time). ``--no-heap-reuse`` times the steps without it. On the CPU each row also gives
+the user and system CPU time and the minor page faults per forwarded image (``resource.getrusage``).
 
 ``--gpu-recipe`` (CUDA only) times the paper's CIFAR ResNet-50 step (batch 128, 32x32) for a
 few hundred steps with and without bf16 autocast and channels_last.
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +57,7 @@ from csm.training.models import build_model
 from csm.training.optim import make_optimizer
 from csm.training.sampler import SyntheticSampler
 from csm.training.sharding import augment_rows
-from csm.training.trainer import StepModule, training_step
+from csm.training.trainer import CPUHeapReuse, StepModule, training_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -163,26 +169,47 @@ class _Runner:
         n = x.shape[0]
         return augment_rows(self.augment, x, n, slice(0, n), self.g)
 
-    def time(self, steps: int) -> tuple[float, int]:
-        """Seconds for ``steps`` steps and the number of forwarded images.
+    def time(self, steps: int) -> tuple[float, int, tuple[float, float, int]]:
+        """Seconds for ``steps`` steps, the number of forwarded images and the process's
+        (user CPU s, system CPU s, minor page faults) over them (``resource.getrusage``).
 
         On CUDA: wall-clock seconds (synchronised). On the CPU: this process's CPU seconds
-        (``time.process_time``), which other processes sharing the machine do not inflate;
-        with ``--threads 1`` that is the compute cost of the step.
+        (``time.process_time``, user + system), which other processes sharing the machine do not
+        inflate; with ``--threads 1`` that is the compute cost of the step.
         """
         self.counter.n = 0
         clock = time.perf_counter if self.device.type == "cuda" else time.process_time
         _sync(self.device)
-        t0 = clock()
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), clock()
         for _ in range(steps):
             self.step()
         _sync(self.device)
-        return clock() - t0, self.counter.n
+        t1, r1 = clock(), resource.getrusage(resource.RUSAGE_SELF)
+        usage = (r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt)
+        return t1 - t0, self.counter.n, usage
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _row(samples: list, batch: int, steps: int, device: torch.device) -> dict:
+    """One method's figures from its rounds ``(seconds, forwarded images, usage)``: medians."""
+    secs = statistics.median(t for t, _, _ in samples)
+    forwarded = samples[0][1] / steps
+    row = {
+        "real_images_per_s": batch * steps / secs,
+        "forwarded_images_per_s": forwarded * steps / secs,
+        "forwarded_per_step": forwarded,
+        "step_ms": 1000 * secs / steps,
+    }
+    if device.type == "cpu":  # where the CPU time of one forwarded image goes
+        n = samples[0][1]
+        row["user_us_per_image"] = 1e6 * statistics.median(u[0] for _, _, u in samples) / n
+        row["system_us_per_image"] = 1e6 * statistics.median(u[1] for _, _, u in samples) / n
+        row["minor_faults_per_image"] = statistics.median(u[2] for _, _, u in samples) / n
+    return row
 
 
 def bench_methods(args: argparse.Namespace) -> dict:
@@ -196,25 +223,21 @@ def bench_methods(args: argparse.Namespace) -> dict:
     for mult in args.ce_reference:  # ce with a larger forward batch: per-image cost vs batch
         ref = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size * mult})
         runners[(f"ce_batch{ref.batch_size}", 1)] = _Runner("ce", 1, ref, device)
-    for r in runners.values():  # warm-up (allocations, autocast caches)
-        for _ in range(args.warmup):
-            r.step()
-    times: dict[tuple[str, int], list[tuple[float, int]]] = {k: [] for k in runners}
-    for _ in range(args.rounds):
-        for key, r in runners.items():
-            times[key].append(r.time(args.steps))
+    heap = CPUHeapReuse(device.type == "cpu" and args.heap_reuse)  # as `csm train` on the CPU
+    with heap:
+        heap_reused = heap.active
+        for r in runners.values():  # warm-up (allocations, autocast caches)
+            for _ in range(args.warmup):
+                r.step()
+        times: dict[tuple[str, int], list] = {k: [] for k in runners}
+        for _ in range(args.rounds):
+            for key, r in runners.items():
+                times[key].append(r.time(args.steps))
     results = {}
     for (name, stage), samples in times.items():
         label = name if name != "refcal" else f"refcal_stage{stage}"
-        secs = statistics.median(t for t, _ in samples)
-        forwarded = samples[0][1] / args.steps
         batch = runners[(name, stage)].args.batch_size
-        results[label] = {
-            "real_images_per_s": batch * args.steps / secs,
-            "forwarded_images_per_s": forwarded * args.steps / secs,
-            "forwarded_per_step": forwarded,
-            "step_ms": 1000 * secs / args.steps,
-        }
+        results[label] = _row(samples, batch, args.steps, device)
     ce = results["ce"]
     for row in results.values():
         row["real_vs_ce"] = row["real_images_per_s"] / ce["real_images_per_s"]
@@ -236,6 +259,7 @@ def bench_methods(args: argparse.Namespace) -> dict:
         "rounds": args.rounds,
         "bf16": args.bf16 and device.type == "cuda",
         "channels_last": args.channels_last and device.type == "cuda",
+        "cpu_heap_reuse": heap_reused,
         "results": results,
     }
     if "csm" in results:
@@ -268,7 +292,7 @@ def bench_gpu_recipe(args: argparse.Namespace) -> dict:
                 r = _Runner(method, 1, ns, device)
                 for _ in range(args.warmup):
                     r.step()
-                secs, n = r.time(args.steps)
+                secs, n, _ = r.time(args.steps)
                 rows[f"{method} bf16={bf16} channels_last={cl}"] = {
                     "real_images_per_s": 128 * args.steps / secs,
                     "forwarded_images_per_s": n / secs,
@@ -298,6 +322,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cpu", action="store_true", help="time on the CPU even if CUDA exists")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument(
+        "--no-heap-reuse",
+        dest="heap_reuse",
+        action="store_false",
+        help="CPU: time without csm.training.trainer.CPUHeapReuse (glibc mmaps >= 32 MiB blocks)",
+    )
     p.add_argument("--gpu-recipe", action="store_true", help="CIFAR ResNet-50 bf16/CL sweep")
     p.add_argument(
         "--ce-reference",
@@ -325,9 +355,14 @@ def main(argv: list[str] | None = None) -> dict:
             if "real_vs_ce" in row
             else ""
         )
+        if "minor_faults_per_image" in row:
+            extra += (
+                f"  per image: user {row['user_us_per_image']:.0f} us, system "
+                f"{row['system_us_per_image']:.0f} us, {row['minor_faults_per_image']:.0f} faults"
+            )
         print(
-            f"{name:32s} {row['real_images_per_s']:9.1f} real img/s "
-            f"{row['forwarded_images_per_s']:9.1f} fwd img/s{extra}"
+            f"{name:16s} {row['real_images_per_s']:7.1f} real img/s "
+            f"{row['forwarded_images_per_s']:7.1f} fwd img/s{extra}"
         )
     if "goal" in result:
         g = result["goal"]

@@ -56,7 +56,7 @@ VARIANTS=(
 )
 run_variant() {
   IFS='|' read -r name syn opts <<< "$1"
-  csm benchmark --dataset digits --methods csm --seeds "$SEEDS" --synthetic "$syn" \
+  csm benchmark --dataset digits --methods csm --seeds "$SEEDS" --data-seed 0 --synthetic "$syn" \
     --train-config train/digits.yaml ${opts:+--train-options $opts} \
     --calibrators ts --corruptions none --plots false --out "$OUT/$name"
 }

@@ -19,7 +19,7 @@ case "$DATASET" in
   *) echo "fidelity.sh: unknown dataset $DATASET; use digits or mnist5k" >&2; exit 2 ;;
 esac
 OUT=eval/results/fidelity-$DATASET-5seeds
-COMMON=(--dataset "$DATASET" --seeds 5 --train-config "train/$DATASET.yaml"
+COMMON=(--dataset "$DATASET" --seeds 5 --data-seed 0 --train-config "train/$DATASET.yaml"
         --calibrators "${CALS[@]}" --corruptions none)
 time "$PY" -m csm benchmark "${COMMON[@]}" --methods refcal rankmixup mbls bsce_gra --out "$OUT"
 time "$PY" -m csm benchmark "${COMMON[@]}" --methods refcal --train-options views=trainer \

@@ -52,7 +52,7 @@ build_synthetic() {
 
 # --synthetic reaches only the methods that train on it (csm benchmark drops it for the others,
 # so they can start before the synthetic dataset exists)
-BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --synthetic "$SYN"
+BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --data-seed 0 --synthetic "$SYN"
        --train-config "train/$DATASET.yaml" --out "$OUT")
 if [ "$PARALLEL" -gt 1 ]; then
   # Two workers share one queue of methods (a method is claimed with an atomic mkdir, so each is

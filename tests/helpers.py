@@ -92,3 +92,25 @@ def launch_two(
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def tiny_clip(path: Path) -> Path:
+    """A random 2-layer CLIP vision tower (32 px) with its image processor, saved to ``path``
+    with ``save_pretrained`` (what ``clip:<path>`` loads offline)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    CLIPVisionModelWithProjection(cfg).save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(path)
+    return path

@@ -12,6 +12,13 @@ encoder ``f`` and class prototypes ``p_k`` (mean ``f(x)`` over the real training
 ``--mode judge`` (ablation) instead uses a classifier's probabilities restricted to ``{a, b}`` and
 renormalised: ``soft[a] = p_a / (p_a + p_b) = sigmoid(z_a − z_b)`` (``lam_hat`` records it).
 
+``--label-mode`` (:mod:`csm.annotation.labels`, docs/labels.md) says how ``soft[a]`` is made from
+that signal: ``squash`` (default, the above, unchanged), or calibrated on the real dataset's val
+split (``--real``): ``judge`` (``sigmoid((z_a − z_b) / T)`` with ``T`` fitted by temperature
+scaling; the judge is the encoder's classifier, else cosine similarity to the prototypes) or
+``pair-fit`` (``sigmoid(s_ab · (λ̂ − t_ab))`` fitted per pair by a regularised logistic fit).
+The fit, the split and its size are recorded with the annotation (``label_fit``).
+
 Each annotation is stored under a name (``--name``, default ``s<squash>`` or ``judge``) as
 label-only data next to the images (:mod:`csm.synthetic.variants`), so several annotations of
 one generation live side by side and ``csm train --synthetic DIR:NAME`` picks one. Annotating
@@ -22,7 +29,8 @@ yet, or when NAME is the active one); ``csm annotate DIR --name NAME --activate`
 encoder only switches the active annotation.
 
 Prototypes are computed once per (encoder, real dataset) and cached as safetensors. Every image is
-encoded exactly once, in batches, while the next shard is decoded in a background thread. Under
+encoded exactly once, in batches, while DataLoader worker processes (``--num-workers``, default
+one per spare core) decode the next shards into shared memory. Under
 ``accelerate launch`` each process encodes its contiguous share of the shards (and of the real
 images' batches for the prototypes); the main process gathers the results and is the only one
 that writes, so the labels are byte-identical to one process's. Nothing is written before every
@@ -33,22 +41,34 @@ annotation's labels (and at the top of the dataset for the active one).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm.auto import tqdm
 
 from csm.annotation.encoders import ImageEncoder, load_encoder
+from csm.annotation.labels import (
+    DEFAULT_NAMES,
+    JudgeCalibration,
+    check_label_options,
+    fit_judge,
+    fit_pairs,
+    fit_summary,
+    pair_margin,
+    project_products,
+    prototype_logits,
+)
 from csm.errors import CSMError
 from csm.synthetic.card import public_ref
 from csm.synthetic.schema import ANNOTATIONS_DIR, LAMBDA_NAME, REPORT_JSON, REPORT_PNG
@@ -108,10 +128,33 @@ class AnnotateConfig:
         default="projection",
         metadata={"help": "projection (CSM) or judge (classifier probabilities on {a,b})"},
     )
+    label_mode: str = field(
+        default="squash",
+        metadata={
+            "help": "squash (the paper's fixed sigmoid(s*(lam_hat-0.5))), judge (the judge's "
+            "P(a|x,{a,b}) with a temperature fitted on the real val split) or pair-fit (per-pair "
+            "s, t fitted on the real val split); see docs/labels.md"
+        },
+    )
+    pair_fit_prior_sd: float = field(
+        default=4.0,
+        metadata={
+            "help": "pair-fit: sd of the Gaussian prior on (s, beta) centred on the paper's "
+            "squash (--squash, t = 0.5); smaller stays closer to it"
+        },
+    )
+    pair_fit_min_val: int = field(
+        default=10,
+        metadata={
+            "help": "pair-fit: fewest real val images of each class of a pair to fit it (else "
+            "the paper's squash, with a warning)"
+        },
+    )
     name: str = field(
         default="",
         metadata={
-            "help": "name of this annotation (default: s<squash>, e.g. s4, or judge); "
+            "help": "name of this annotation (default: s<squash>, e.g. s4, or judge; "
+            "judge-ts or pair-fit for those label modes); "
             "train on it with --synthetic DIR:NAME; the same name replaces it"
         },
     )
@@ -124,6 +167,13 @@ class AnnotateConfig:
         },
     )
     batch_size: int = field(default=256, metadata={"help": "images per encoder forward"})
+    num_workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "processes decoding the images while the encoder runs (default: one per "
+            "spare core, at most 8; 0: decode in the main process); labels do not depend on it"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     real_seed: int = field(default=0, metadata={"help": "seed of the real dataset's split"})
     cache_dir: str | None = field(
@@ -233,12 +283,7 @@ def project(
     p = protos.double()
     fp = features.double() @ p.T  # <f, p_k>
     pp = p @ p.T  # <p_j, p_k>
-    rows = torch.arange(len(class_a))
-    num = fp[rows, class_a] - fp[rows, class_b] - pp[class_b, class_a] + pp[class_b, class_b]
-    denom = pp[class_a, class_a] - 2 * pp[class_a, class_b] + pp[class_b, class_b]
-    if (denom <= 1e-12 * pp.diagonal().max().clamp_min(1e-300)).any():
-        raise CSMError("prototypes: two classes have identical prototypes; use another encoder")
-    return num / denom
+    return project_products(fp, pp, torch.arange(len(class_a)), class_a, class_b)
 
 
 def squash(lam_hat: torch.Tensor | np.ndarray, s: float) -> np.ndarray:
@@ -269,15 +314,17 @@ def _prototypes_for(
     mode: str,
     batch_size: int,
     cache_dir: str | None,
+    label_mode: str = "squash",
 ) -> torch.Tensor | None:
-    """Check the encoder and real data against the dataset; the prototypes (projection mode)."""
+    """Check the encoder and real data against the dataset; the prototypes (projection mode),
+    none when the encoder's own classifier is the judge (``label_mode="judge"``)."""
     if real is not None and list(real.class_names) != names:
         raise CSMError(
             f"real dataset {real.spec!r}: class names {list(real.class_names)[:10]} differ "
             f"from the synthetic dataset's {names[:10]}; annotate with the dataset the "
             "generator was trained on"
         )
-    if mode == "projection":
+    if mode == "projection" and not (label_mode == "judge" and encoder.can_classify):
         if real is None:
             raise CSMError("real: projection mode needs the real dataset; pass --real SPEC")
         return class_prototypes(encoder, real, batch_size=batch_size, cache_dir=cache_dir)
@@ -298,10 +345,16 @@ def _shard_labels(
     b: torch.Tensor,
     encoder: ImageEncoder,
     protos: torch.Tensor | None,
-    squash_s: float,
+    squash_s: float | JudgeCalibration,
     batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(soft[a] float32, lam_hat float64)`` of one shard's images, batch by batch."""
+    """``(soft[a] float32, lam_hat float64)`` of one shard's images, batch by batch.
+
+    ``squash_s`` is the squash's ``s``, or the fitted judge of ``--label-mode judge``: then
+    soft[a] is its ``sigmoid((z_a − z_b) / T)`` (the classifier's logits without prototypes,
+    else the cosine logits to the prototypes) and ``lam_hat`` stays what the mode records.
+    """
+    judge = squash_s if isinstance(squash_s, JudgeCalibration) else None
     images = torch.from_numpy(pixels)
     if protos is None:  # judge
         z = encoder.logits(images, batch_size).double()
@@ -312,20 +365,129 @@ def _shard_labels(
         ia, ib = a[start : start + batch_size], b[start : start + batch_size]
         if protos is None:
             zb, rows = z[start : start + batch_size], torch.arange(len(ia))
-            s = torch.sigmoid(zb[rows, ia] - zb[rows, ib]).numpy()
-            share.append(s)
+            margin = zb[rows, ia] - zb[rows, ib]
+            s = torch.sigmoid(margin).numpy()
+            share.append(s if judge is None else judge.share(margin))
             lam_hat.append(s)
         else:
-            lh = project(feats[start : start + batch_size], protos, ia, ib).numpy()
+            fb = feats[start : start + batch_size]
+            lh = project(fb, protos, ia, ib).numpy()
             lam_hat.append(lh)
-            share.append(squash(lh, squash_s))
+            if judge is None:
+                share.append(squash(lh, squash_s))
+            else:
+                share.append(judge.share(pair_margin(prototype_logits(fb, protos), ia, ib)))
     share_a = np.concatenate(share).astype(np.float32) if share else np.zeros(0, np.float32)
     return share_a, (np.concatenate(lam_hat) if lam_hat else np.zeros(0))
 
 
-def _load_shard(path: Path) -> tuple[pa.Table, np.ndarray]:
+LABEL_COLUMNS = ("class_a", "class_b", "lam", "group_id")
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_num_workers(processes: int = 1) -> int:
+    """Decoding processes per annotating process by default: one per core beyond the one that
+    runs the encoder, at most :data:`MAX_DEFAULT_WORKERS`; 0 (decode in the main process) when
+    the ``processes`` annotating processes have one core each or less."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(MAX_DEFAULT_WORKERS, cores // max(1, processes) - 1))
+
+
+def _load_shard(path: Path) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """A shard's label columns (:data:`LABEL_COLUMNS`) and images, uint8 ``(N, C, H, W)``.
+
+    In a DataLoader worker the images are decoded straight into shared memory, so they reach the
+    main process without being copied or pickled.
+
+    Raises:
+        CSMError: The shard is truncated or an image does not decode.
+    """
     table = read_table(path)
-    return table, decode_images(table, str(path))
+    shared = get_worker_info() is not None
+    holder: list[torch.Tensor] = []
+
+    def alloc(shape: tuple[int, ...]) -> np.ndarray:
+        pixels = torch.empty(shape, dtype=torch.uint8)
+        holder.append(pixels.share_memory_() if shared else pixels)
+        return pixels.numpy()
+
+    array = decode_images(table, str(path), alloc)
+    pixels = holder[0] if holder else torch.from_numpy(array)
+    return {c: table.column(c).to_numpy() for c in LABEL_COLUMNS}, pixels
+
+
+class _ShardImages(Dataset):
+    """Item ``i``: :func:`_load_shard` of ``paths[i]``, or its CSMError's message (which the main
+    process raises as it is; a DataLoader would rewrap the exception with the worker's
+    traceback)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, np.ndarray], torch.Tensor] | str:
+        try:
+            return _load_shard(self.paths[i])
+        except CSMError as exc:
+            return str(exc)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _decoded_shards(
+    paths: list[Path], num_workers: int
+) -> Iterator[tuple[dict[str, np.ndarray], torch.Tensor]]:
+    """The shards at ``paths``, in order, loaded by :func:`_load_shard` in ``num_workers``
+    DataLoader worker processes (each up to two shards ahead), or in this process if 0.
+
+    The workers only read and decode (one thread each); what they deliver does not depend on
+    their number. Closing the generator (or its end, or an error) stops them.
+
+    Raises:
+        CSMError: A shard is truncated or an image does not decode.
+        RuntimeError, EOFError, ConnectionError: A worker died (:func:`_worker_death`; the
+            RuntimeError can come from DataLoader's SIGCHLD handler anywhere in this process).
+    """
+    workers = min(num_workers, len(paths))
+    loader = iter(
+        DataLoader(
+            _ShardImages(paths),
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=_as_is,
+            prefetch_factor=2 if workers else None,
+        )
+    )
+    try:
+        for item in loader:
+            if isinstance(item, str):
+                raise CSMError(item)
+            yield item
+    finally:
+        del loader  # the last reference: the workers stop now, even if a traceback keeps us
+
+
+def _worker_death(exc: BaseException, num_workers: int) -> str | None:
+    """The one-line error when ``exc`` says that a decoding worker died, else ``None``.
+
+    A killed worker (out of memory, a signal) shows as DataLoader's RuntimeError, or as an
+    EOFError or ConnectionError when it dies while its shard is handed over.
+    """
+    died = isinstance(exc, EOFError | ConnectionError) or "DataLoader worker" in str(exc)
+    if not num_workers or not died:
+        return None
+    return (
+        f"a process decoding the images died ({type(exc).__name__}: {exc}); nothing was "
+        "written; run again, with fewer --num-workers if memory is short (0: decode in the main "
+        "process)"
+    )
 
 
 def _encode_shards(
@@ -333,19 +495,21 @@ def _encode_shards(
     records: list[dict[str, Any]],
     encoder: ImageEncoder,
     protos: torch.Tensor | None,
-    squash_s: float,
+    squash_s: float | JudgeCalibration,
     batch_size: int,
     state: Any,
+    num_workers: int = 0,
 ) -> list[dict[str, Any]]:
-    """Labels of this process's contiguous share of the shards (the next one decoded in a
-    background thread), gathered in shard order on every process."""
+    """Labels of this process's contiguous share of the shards, gathered in shard order on every
+    process; ``num_workers`` processes decode the next shards while the encoder runs
+    (:func:`_decoded_shards`)."""
     mine = records[process_rows(len(records), state.process_index, state.num_processes)]
-    paths = [dataset / r["file"] for r in mine]
+    shards = _decoded_shards([dataset / r["file"] for r in mine], num_workers)
     out: list[dict[str, Any]] = []
     error = None
-    try:
+    try:  # closing stops the workers; a worker's death during it is caught as well
         with (
-            ThreadPoolExecutor(max_workers=1) as pool,
+            contextlib.closing(shards),
             tqdm(
                 total=sum(r["rows"] for r in mine),
                 desc="annotate",
@@ -353,19 +517,19 @@ def _encode_shards(
                 disable=not state.is_main_process,
             ) as bar,
         ):
-            future = pool.submit(_load_shard, paths[0]) if paths else None
-            for i, record in enumerate(mine):
-                table, pixels = future.result()
-                if i + 1 < len(paths):
-                    future = pool.submit(_load_shard, paths[i + 1])
-                cols = {c: table.column(c).to_numpy() for c in ("class_a", "class_b", "lam")}
+            for record, (cols, pixels) in zip(mine, shards, strict=True):
                 a, b = (torch.from_numpy(cols[c].astype(np.int64)) for c in ("class_a", "class_b"))
-                share, lam_hat = _shard_labels(pixels, a, b, encoder, protos, squash_s, batch_size)
-                cols.update(group_id=table.column("group_id").to_numpy(), share=share)
-                out.append({**cols, "lam_hat": lam_hat, "shard": record["shard"]})
+                share, lam_hat = _shard_labels(
+                    pixels.numpy(), a, b, encoder, protos, squash_s, batch_size
+                )
+                out.append({**cols, "share": share, "lam_hat": lam_hat, "shard": record["shard"]})
                 bar.update(len(share))
     except CSMError as exc:  # every process learns it (no process waits forever below)
         error = str(exc)
+    except (RuntimeError, EOFError, ConnectionError) as exc:
+        error = _worker_death(exc, num_workers)
+        if error is None:
+            raise
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -426,6 +590,80 @@ def _on_main(state: Any, fn: Any, *args: Any) -> Any:
     return result
 
 
+def _real_val(real: Any | None, label_mode: str) -> Any:
+    """The real val split a fitted label mode is fitted on (raises when there is none)."""
+    if real is None:
+        raise CSMError(
+            f"real: --label-mode {label_mode} is fitted on the real dataset's val split; pass "
+            "--real SPEC"
+        )
+    if len(real.val) == 0:
+        raise CSMError(
+            f"real dataset {real.spec!r}: its val split is empty, so --label-mode {label_mode} "
+            "has nothing to fit on; use a dataset with validation images or --label-mode squash"
+        )
+    return real.val
+
+
+def _label_rule(
+    label_mode: str,
+    encoder: ImageEncoder,
+    real: Any | None,
+    protos: torch.Tensor | None,
+    squash_s: float,
+    batch_size: int,
+    state: Any,
+) -> tuple[float | JudgeCalibration, torch.Tensor | None]:
+    """What :func:`_shard_labels` gets (``s``, or the judge fitted on real val) and, for
+    ``pair-fit``, the real val images' features (encoded before the synthetic ones, so a
+    failure comes before the long pass)."""
+    if label_mode == "squash":
+        return squash_s, None
+    val = _real_val(real, label_mode)
+    if label_mode == "pair-fit":
+        return squash_s, encoder.encode_batched(val.images, batch_size, shard=True)
+    if protos is None:  # the encoder's own classification head is the judge
+        z, judge = encoder.logits(val.images, batch_size).double(), "classifier"
+    else:
+        feats = encoder.encode_batched(val.images, batch_size, shard=True)
+        z, judge = prototype_logits(feats, protos), "prototype-cosine"
+    return _on_main(state, fit_judge, z, val.labels, judge), None  # one T for every process
+
+
+def _apply_pair_fit(
+    results: list[dict[str, Any]],
+    val_feats: torch.Tensor,
+    real: Any,
+    protos: torch.Tensor,
+    names: list[str],
+    fit: tuple[float, float, int],
+    state: Any,
+) -> dict[str, Any]:
+    """Fit the squash of every pair in ``results`` on the real val images (main process, the
+    fits broadcast), replace the results' soft[a] by it; the fits' record."""
+    prior_s, prior_sd, min_val = fit
+    a = np.concatenate([r["class_a"] for r in results]).astype(np.int64)
+    b = np.concatenate([r["class_b"] for r in results]).astype(np.int64)
+    pairs = [tuple(p) for p in np.unique(np.stack([a, b], 1), axis=0).tolist()] if len(a) else []
+
+    def fit_all() -> Any:
+        return fit_pairs(
+            pairs,
+            val_feats,
+            real.val.labels,
+            protos,
+            class_names=names,
+            prior_s=prior_s,
+            prior_sd=prior_sd,
+            min_val=min_val,
+        )
+
+    squashes = _on_main(state, fit_all)
+    for r in results:
+        r["share"] = squashes.share(r["lam_hat"], r["class_a"], r["class_b"])
+    return squashes.record()
+
+
 def annotate_dataset(
     dataset: str | Path,
     encoder: ImageEncoder,
@@ -438,6 +676,10 @@ def annotate_dataset(
     report: bool = True,
     name: str | None = None,
     activate: bool | None = None,
+    num_workers: int | None = None,
+    label_mode: str = "squash",
+    pair_fit_prior_sd: float = 4.0,
+    pair_fit_min_val: int = 10,
 ) -> dict[str, Any]:
     """Annotate a finished synthetic dataset as annotation ``name``; returns the report dict.
 
@@ -451,22 +693,40 @@ def annotate_dataset(
         batch_size: Images per encoder forward.
         cache_dir: Prototype cache root.
         report: Write ``annotation_report.json`` and ``.png`` next to the labels.
-        name: The annotation's name (default :func:`~csm.synthetic.variants.default_name`);
-            an existing annotation of that name is replaced.
+        name: The annotation's name (default :func:`~csm.synthetic.variants.default_name`,
+            or ``judge-ts`` / ``pair-fit`` for those label modes); an existing annotation of
+            that name is replaced.
         activate: Also write it into the main shards (``None``: when none is active yet or
             ``name`` is the active one).
+        num_workers: Processes decoding the images while the encoder runs (``None``:
+            :func:`default_num_workers`; 0: in this process). The labels do not depend on it.
+        label_mode: ``squash`` (the paper's), ``judge`` or ``pair-fit``
+            (:mod:`csm.annotation.labels`); the fitted ones need ``real``, whose val split
+            they are fitted on, and record the fit as ``label_fit`` in the manifest.
+        pair_fit_prior_sd: ``σ`` of the pair-fit prior (centred on ``squash_s``, ``t = ½``).
+        pair_fit_min_val: Fewest real val images per class of a pair to fit it.
 
     Raises:
         CSMError: Unknown mode, class names that differ, a truncated shard or an undecodable image.
     """
     dataset = Path(dataset)
     _check_options(mode, batch_size, squash_s)
-    name = check_name(name or default_name(mode, squash_s))
+    check_label_options(label_mode, mode, pair_fit_prior_sd, pair_fit_min_val)
+    name = check_name(name or DEFAULT_NAMES.get(label_mode) or default_name(mode, squash_s))
     manifest, records = check_dataset(dataset, full=True)
     names = list(manifest["params"]["class_names"])
-    protos = _prototypes_for(encoder, real, names, mode, batch_size, cache_dir)
+    protos = _prototypes_for(encoder, real, names, mode, batch_size, cache_dir, label_mode)
     state = distributed_state()
-    results = _encode_shards(dataset, records, encoder, protos, squash_s, batch_size, state)
+    workers = default_num_workers(state.num_processes) if num_workers is None else num_workers
+    if workers < 0:
+        raise CSMError(f"num_workers={num_workers}: must be >= 0 (0: decode in the main process)")
+    logger.info("decoding images in %d worker process(es)", workers)
+    rule, val_feats = _label_rule(label_mode, encoder, real, protos, squash_s, batch_size, state)
+    results = _encode_shards(dataset, records, encoder, protos, rule, batch_size, state, workers)
+    label_fit = rule.record() if isinstance(rule, JudgeCalibration) else None
+    if label_mode == "pair-fit":
+        fit = (squash_s, pair_fit_prior_sd, pair_fit_min_val)
+        label_fit = _apply_pair_fit(results, val_feats, real, protos, names, fit, state)
     info = {
         "mode": mode,
         "encoder": encoder.spec,
@@ -475,6 +735,17 @@ def annotate_dataset(
         "real_dataset": getattr(real, "spec", None),
         "real_seed": getattr(real, "seed", None),
     }
+    if label_fit is not None:  # the default (squash) records exactly what it always did
+        judge_head = label_mode == "judge" and protos is None  # lam_hat: sigmoid(z_a - z_b)
+        info.update(
+            mode="judge" if judge_head else mode,
+            squash=float(squash_s) if label_mode == "pair-fit" else None,
+            label_mode=label_mode,
+            label_fit=label_fit,
+            real_split="val",
+            real_val_size=len(real.val),
+        )
+        logger.info("labels (%s): %s", label_mode, fit_summary(label_mode, label_fit))
     world = state.num_processes
     rep = _on_main(state, _commit, dataset, name, info, results, names, report, world)
     if activate if activate is not None else active_name(manifest) in (LAMBDA_NAME, None, name):
@@ -597,6 +868,9 @@ def annotate(cfg: AnnotateConfig) -> str:
     if cfg.mode not in MODES:
         raise CSMError(f"mode={cfg.mode!r}: unknown annotation mode; use one of {', '.join(MODES)}")
     _check_options(cfg.mode, cfg.batch_size, cfg.squash)
+    check_label_options(cfg.label_mode, cfg.mode, cfg.pair_fit_prior_sd, cfg.pair_fit_min_val)
+    if cfg.label_mode != "squash" and not cfg.real:
+        _real_val(None, cfg.label_mode)  # raises: a fitted label mode needs --real
     if cfg.name:
         check_name(cfg.name)
     _finish_interrupted_activation(cfg.dataset)
@@ -625,6 +899,10 @@ def annotate(cfg: AnnotateConfig) -> str:
         report=cfg.report,
         name=cfg.name or None,
         activate=cfg.activate,
+        num_workers=cfg.num_workers,
+        label_mode=cfg.label_mode,
+        pair_fit_prior_sd=cfg.pair_fit_prior_sd,
+        pair_fit_min_val=cfg.pair_fit_min_val,
     )
     from csm.config import save_config
 
@@ -636,8 +914,12 @@ def annotate(cfg: AnnotateConfig) -> str:
     curve = ", ".join(
         f"{g:.2f}:{v:.2f}" for g, v in zip(rep["lambda"], rep["share_a_mean"], strict=True)
     )
+    how = cfg.mode
+    if cfg.label_mode != "squash":  # the mode recorded says what lam_hat is
+        fit = fit_summary(cfg.label_mode, rep["annotation"]["label_fit"])
+        how = f"{rep['annotation']['mode']}, {cfg.label_mode}: {fit}"
     return (
-        f"annotated {rep['num_images']} images in {cfg.dataset} as {name!r} ({cfg.mode}, "
+        f"annotated {rep['num_images']} images in {cfg.dataset} as {name!r} ({how}, "
         f"{cfg.encoder}; train on it with --synthetic {cfg.dataset}:{name}); mean soft[a] by "
         f"lambda: {curve}; dominant class differs from lambda: "
         f"{100 * rep['mismatch_share']:.1f}%"

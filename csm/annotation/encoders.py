@@ -215,7 +215,7 @@ class _TransformersEncoder(ImageEncoder):
         x = x[..., top : top + self.crop, left : left + self.crop]
         mean = self.mean[:, : x.shape[1]] if self.mean.shape[1] >= x.shape[1] else self.mean
         std = self.std[:, : x.shape[1]] if self.std.shape[1] >= x.shape[1] else self.std
-        return ((x - mean) / std).to(self._dtype)
+        return (x - mean).div_(std).to(self._dtype)  # one new tensor: the same floats
 
 
 def _from_pretrained(loader: Any, target: str, spec: str) -> torch.nn.Module:

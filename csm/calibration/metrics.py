@@ -23,6 +23,9 @@ Conventions (stated once, used everywhere):
   chunks whose sizes differ by at most one (``bin = floor(rank * B / N)``); no sample is dropped and
   with fewer samples than bins each sample is its own bin. Samples tied at a chunk boundary are
   split by that order.
+* **ECE-sweep** (``cal/ECE-sweep``) and the **debiased** l2 estimator (``cal/dECE``), the two
+  bias-aware estimators of :mod:`csm.calibration.estimators` (Roelofs et al. 2022; Kumar et al.
+  2019), on the same confidence order as AdaECE.
 * **NLL** from logits is ``logsumexp(z) - z_y`` (exact, no clamping needed); from probabilities
   it is ``-log(max(p_y, 1e-12))`` (calibrators such as histogram binning output exact zeros).
 * **Brier** sums over classes: ``mean_i sum_k (p_ik - 1[y_i = k])^2`` (range [0, 2]).
@@ -54,14 +57,18 @@ Conventions (stated once, used everywhere):
 Undefined values (an AUROC with only one kind of sample, OvO with fewer than two classes) are NaN,
 logged as a warning, never an exception.
 
-Cost: a few chunked passes over the (N, K) matrix plus one sort of the N confidences, and for
-``cls/OvO-AUROC`` one integer sort of every class column (O(K N log N); ~2.9 s of the suite at
-1,000,000 x 100 on one thread, see bench/RESULTS.md). ``compute_all(...,
+Cost: one chunked pass over the (N, K) matrix (rows visited in label order) plus one integer
+sort of the N confidences, and for ``cls/OvO-AUROC`` a class-major copy of the probabilities and
+O(N) work per class column: a table look-up of every value's rank among that class's samples,
+with an exact sort of the few percent of values the table cannot separate (O(K N) in all; ~0.6
+s of the suite at 1,000,000 x 100 on one thread, see bench/RESULTS.md). ``compute_all(...,
 exclude={"cls/OvO-AUROC"})`` skips it. :class:`MetricStream` computes the same in pieces.
 
 References:
     Guo et al., "On Calibration of Modern Neural Networks", ICML 2017 (ECE, MCE).
     Mukhoti et al., "Calibrating Deep Neural Networks using Focal Loss", NeurIPS 2020 (AdaECE).
+    Roelofs et al., "Mitigating Bias in Calibration Error Estimation", AISTATS 2022 (ECE-sweep).
+    Kumar, Liang & Ma, "Verified Uncertainty Calibration", NeurIPS 2019 (debiased estimator).
     Kull et al., "Beyond temperature scaling", NeurIPS 2019 (classwise ECE).
     Thulasidasan et al., "On Mixup Training", NeurIPS 2019 (over-confidence error).
     Błasiok & Nakkiran, "Smooth ECE: Principled Reliability Diagrams via Kernel Smoothing",
@@ -92,6 +99,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from csm.calibration.estimators import (
+    debiased_calibration_error,
+    debiased_error_sorted,
+    sweep_calibration_error,
+    sweep_error_sorted,
+)
 from csm.errors import CSMError
 
 logger = logging.getLogger(__name__)
@@ -121,7 +134,9 @@ __all__ = [
     "compute_all",
     "compute_all_probs",
     "e_aurc",
+    "debiased_ece",
     "ece",
+    "ece_sweep",
     "ks_error",
     "mce",
     "misclassification_auroc",
@@ -154,6 +169,8 @@ METRIC_INFO: dict[str, MetricInfo] = {
     "cls/Brier": MetricInfo("Brier", False, False),
     "cal/ECE": MetricInfo("ECE", False, True),
     "cal/AdaECE": MetricInfo("AdaECE", False, True),
+    "cal/ECE-sweep": MetricInfo("ECE-sweep", False, True),
+    "cal/dECE": MetricInfo("dECE", False, True),
     "cal/ClasswiseECE": MetricInfo("cw-ECE", False, True),
     "cal/MCE": MetricInfo("MCE", False, True),
     "cal/OE": MetricInfo("OE", False, True),
@@ -200,8 +217,7 @@ def higher_is_better(metric: str) -> bool:
 _NLL_FLOOR = 1e-12
 _COV_RISK = 0.05
 _PROB_TOL = 1e-3
-_CHUNK_ELEMS = 1 << 22
-_ROW_CHUNK_ELEMS = 1 << 18
+_ROW_CHUNK_ELEMS = 1 << 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,8 +241,8 @@ def _as_float_matrix(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    # fast path: one reduction; a non-finite row sum means NaN/inf somewhere (or overflow)
-    if bool(torch.isfinite(t.sum(dim=1)).all()):
+    # fast path: one reduction; a non-finite sum means NaN/inf somewhere (or overflow)
+    if bool(torch.isfinite(t.sum())):
         return
     bad = ~torch.isfinite(t)
     n_bad = int(bad.sum())
@@ -305,11 +321,13 @@ def validate_probs(
     """
     p = _as_float_matrix(probs, name)
     _check_finite(p, name)
-    if bool((p < 0).any()) or bool((p > 1).any()):
+    lo, hi = torch.aminmax(p)
+    if float(lo) < 0 or float(hi) > 1:
         raise CSMError(
             f"{name}: values outside [0, 1]; pass probabilities (use compute_all for logits)"
         )
-    dev = (p.sum(dim=1, dtype=torch.float64) - 1).abs()
+    # row sums as a matrix-vector product (BLAS); the tolerance dwarfs float32 rounding
+    dev = (p @ torch.ones(p.shape[1], dtype=p.dtype) - 1).abs()
     if bool((dev > _PROB_TOL).any()):
         row = int(dev.argmax())
         raise CSMError(
@@ -365,11 +383,12 @@ def binned_sums(
         ``(count, sum_conf, sum_correct)``, each float64 ``(n_bins,)``; the input of
         :func:`binned_errors`.
     """
-    idx = bin_indices(conf, n_bins)
-    count = torch.bincount(idx, minlength=n_bins).double()
-    sconf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf.double())
-    sacc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct.double())
-    return count, sconf, sacc
+    c = conf.detach().cpu().numpy()
+    idx = _bin_np(c, _check_n_bins(n_bins))
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    sconf = np.bincount(idx, weights=c, minlength=n_bins)  # float64 sums
+    sacc = np.bincount(idx, weights=correct.detach().cpu().numpy(), minlength=n_bins)
+    return torch.from_numpy(count), torch.from_numpy(sconf), torch.from_numpy(sacc)
 
 
 def binned_errors(count: torch.Tensor, sconf: torch.Tensor, sacc: torch.Tensor) -> dict[str, float]:
@@ -402,21 +421,30 @@ def _nan(metric: str, why: str) -> float:
     return float("nan")
 
 
-def _auroc_sorted_desc(scores: torch.Tensor, positive: torch.Tensor, metric: str) -> float:
+def _arr(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A CPU tensor's numpy view (no copy), or the array itself."""
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _group_starts(sorted_values: np.ndarray) -> np.ndarray:
+    """Start positions of the runs of equal values (tie groups) of a sorted array, from 0."""
+    return np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+
+
+def _auroc_sorted_desc(scores, positive, metric: str) -> float:
     """Mann-Whitney AUROC with averaged tie ranks; ``scores`` sorted descending."""
-    n = scores.numel()
-    pos = positive.double()
-    n_pos = float(pos.sum())
+    s, pos = _arr(scores), _arr(positive).astype(bool, copy=False)
+    n = s.size
+    cpos = np.r_[0, np.cumsum(pos, dtype=np.int64)]  # exact counts
+    n_pos = int(cpos[-1])
     n_neg = n - n_pos
     if n_pos == 0 or n_neg == 0:
-        return _nan(metric, f"{int(n_pos)} positive and {int(n_neg)} negative samples")
-    _, counts = torch.unique_consecutive(scores, return_counts=True)
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
-    cpos = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(pos, 0)])
+        return _nan(metric, f"{n_pos} positive and {n_neg} negative samples")
+    starts = _group_starts(s)
+    ends = np.r_[starts[1:], n]
     pos_in_group = cpos[ends] - cpos[starts]
     # ascending rank (1-based) averaged over a group occupying descending slots [start, end)
-    avg_rank = n - starts.double() - (counts.double() - 1) / 2
+    avg_rank = n - starts - (ends - starts - 1) / 2
     r_pos = float((avg_rank * pos_in_group).sum())
     return (r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
@@ -441,21 +469,21 @@ class _SmoothECE:
     [0, 1] (returning the upper end, as relplot does).
     """
 
-    def __init__(self, f: torch.Tensor, y: torch.Tensor) -> None:
-        self.f = f.double()
-        self.r = self.f - y.double()
+    def __init__(self, f: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> None:
+        self.f = _arr(f).astype(np.float64)
+        self.r = self.f - _arr(y)
         self._grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _grid(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if n not in self._grids:
             pos = self.f * (n - 1)
-            bins = pos.long().clamp(0, n - 2)
+            bins = np.clip(pos.astype(np.int64), 0, n - 2)
             frac = pos - bins
-            vals = torch.zeros(2, n, dtype=torch.float64)
-            for row, w in enumerate((self.r, torch.ones_like(self.r))):
-                vals[row].index_add_(0, bins, (1 - frac) * w)
-                vals[row].index_add_(0, bins + 1, frac * w)
-            self._grids[n] = (vals, torch.linspace(0, 1, n, dtype=torch.float64))
+            vals = np.empty((2, n), dtype=np.float64)
+            vals[0] = np.bincount(bins, (1 - frac) * self.r, n)
+            vals[0] += np.bincount(bins + 1, frac * self.r, n)
+            vals[1] = np.bincount(bins, 1 - frac, n) + np.bincount(bins + 1, frac, n)
+            self._grids[n] = (torch.from_numpy(vals), torch.linspace(0, 1, n, dtype=torch.float64))
         return self._grids[n]
 
     @staticmethod
@@ -548,24 +576,187 @@ def _column_wins(col: np.ndarray, y: np.ndarray, a: int, k: int) -> np.ndarray:
     return wins + np.bincount(lab[idx][other], weights=corr[other], minlength=k)
 
 
-def _ovo_auroc(probs_t: torch.Tensor, labels: torch.Tensor) -> float:
-    """Hand & Till's OvO AUROC from class-major probabilities ``(K, N)``: for every class
-    column a, ``AUC(a|b) = 1 - w[a, b] / (n_a n_b)`` with ``w`` from :func:`_column_wins`
-    (Mann-Whitney with averaged ties), so the cost is one sort per column, O(K N log N)."""
-    k = probs_t.shape[0]
-    y = labels.numpy().astype(np.int64)
-    counts = np.bincount(y, minlength=k).astype(np.float64)
+_OVO_TABLE_BITS = 20
+_OVO_CHUNK = 1 << 14
+
+
+def _float_keys(col: np.ndarray) -> np.ndarray:
+    """Integer view of a column of non-negative floats (no -0.0) that orders like the floats."""
+    return col.view(np.int32 if col.dtype == np.float32 else np.int64)
+
+
+def _rank_table(ua: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Lookup table of the class-a ranks for :meth:`_GroupedPart.sweep`.
+
+    ``ua`` holds the sorted integer keys of the class-a values. Keys are cut into buckets of
+    ``2**shift`` consecutive keys, ``bucket(v) = (v - base) >> shift``, at most about
+    ``2**_OVO_TABLE_BITS`` of them between the smallest and the largest class-a key. A bucket
+    holding no class-a value maps to twice the number of class-a values below it (exact for every
+    value in it: no class-a value can tie with it or lie between); a bucket holding class-a
+    values maps to -1 (its values are ranked exactly by sorting). Bucket 0 lies below every
+    class-a value, the last above.
+
+    Returns:
+        ``(table, base, shift)``; the table is int16 when ``2 n_a`` fits (half the cache
+        footprint of int32: the look-ups run markedly faster), else int32.
+    """
+    lo, hi = int(ua[0]), int(ua[-1])
+    shift = max(0, (hi - lo + 2).bit_length() - _OVO_TABLE_BITS)
+    base = lo - (1 << shift)
+    bucket = (ua - ua.dtype.type(base)) >> shift  # sorted, >= 1
+    first = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    occupied = bucket[first]
+    j = occupied.size
+    values = np.empty(2 * j + 1, dtype=np.int16 if 2 * ua.size < 2**15 else np.int32)
+    values[0 : 2 * j : 2] = 2 * first  # the gap before each occupied bucket
+    values[1 : 2 * j : 2] = -1  # the occupied bucket
+    values[2 * j] = 2 * ua.size  # the bucket above every class-a value
+    lengths = np.empty(2 * j + 1, dtype=np.int64)
+    lengths[0 : 2 * j : 2] = occupied - np.r_[0, occupied[:-1] + 1]
+    lengths[1 : 2 * j : 2] = 1
+    lengths[2 * j] = 1
+    return np.repeat(values, lengths), base, shift
+
+
+@dataclass
+class _GroupedPart:
+    """One piece of the evaluation set for the OvO AUROC, its samples grouped by label.
+
+    Attributes:
+        probs_t: (K, n) class-major probabilities, columns ordered by label (stable).
+        labels: (n,) the labels in that order (non-decreasing), int64.
+        bounds: (K + 1,) where each label's run starts (``bounds[K] = n``).
+        pieces: per chunk of the sweep, ``(start, end, offsets)``: the chunk cut at the label
+            boundaries, offsets relative to ``start``.
+        piece_labels: the label of every piece, in order.
+        entry: (n,) the table entries of the last swept column (in the table's dtype).
+    """
+
+    probs_t: np.ndarray
+    labels: np.ndarray
+    bounds: np.ndarray
+    pieces: list[tuple[int, int, np.ndarray]]
+    piece_labels: np.ndarray
+    entry: np.ndarray
+
+    @classmethod
+    def of(cls, probs_t: np.ndarray, labels: np.ndarray) -> _GroupedPart:
+        """The part of grouped ``probs_t`` (K, n) and its non-decreasing ``labels`` (n,)."""
+        k, n = probs_t.shape
+        bounds = np.r_[0, np.cumsum(np.bincount(labels, minlength=k))]
+        pieces, piece_labels = [], []
+        for s in range(0, n, _OVO_CHUNK):
+            e = min(n, s + _OVO_CHUNK)
+            cuts = np.unique(np.r_[s, bounds[(bounds > s) & (bounds < e)]])
+            pieces.append((s, e, cuts - s))
+            piece_labels.append(np.searchsorted(bounds, cuts, "right") - 1)
+        entry = np.empty(n, dtype=np.int16)
+        return cls(probs_t, labels, bounds, pieces, np.concatenate(piece_labels), entry)
+
+    def sweep(self, keys: np.ndarray, table: np.ndarray, base: int, shift: int) -> np.ndarray:
+        """The table entry of every sample of one column (:func:`_rank_table`; kept in
+        :attr:`entry`), summed per label (int64). One subtraction, shift, look-up and segment
+        sum per value, in chunks that stay in cache."""
+        size = min(keys.size, _OVO_CHUNK)
+        h = np.empty(size, dtype=keys.dtype)
+        off = keys.dtype.type(base)
+        if self.entry.dtype != table.dtype:
+            self.entry = np.empty(keys.size, dtype=table.dtype)
+        sums = []
+        for s, e, offsets in self.pieces:
+            hh, ee = h[: e - s], self.entry[s:e]
+            np.subtract(keys[s:e], off, out=hh)
+            np.right_shift(hh, shift, out=hh)
+            np.take(table, hh, mode="clip", out=ee)  # below bucket 0 -> 0, above the last -> last
+            sums.append(np.add.reduceat(ee, offsets, dtype=np.int64))
+        k = len(self.bounds) - 1
+        # every piece sum is below 2**53 in magnitude: exact in float64
+        return np.bincount(self.piece_labels, np.concatenate(sums), k).astype(np.int64)
+
+
+def _table_wins(parts: list[_GroupedPart], a: int, k: int, top: float | None):
+    """:func:`_column_wins` for column ``a`` of the grouped parts, in O(N) instead of a sort.
+
+    Every sample gets its class-a rank from :func:`_rank_table` (:meth:`_GroupedPart.sweep`:
+    one subtraction, one shift, one table look-up and a segment sum per value, in numpy); the
+    samples in buckets that hold class-a values, all class-a samples included, are then ranked
+    exactly among the class-a samples by :func:`_column_wins` on that subset (a few percent of
+    the column), which settles ties.
+
+    Args:
+        top: also return the column's values >= ``top`` (classwise ECE), or None.
+
+    Returns:
+        ``(w, high)``: ``w`` as :func:`_column_wins` (float64, exact halves) with entry ``a``
+        set to 0; the column's values >= ``top`` (None without ``top``).
+    """
+    cols = [part.probs_t[a] for part in parts]
+    keys = [_float_keys(c) for c in cols]
+    ua = np.concatenate([kk[p.bounds[a] : p.bounds[a + 1]] for kk, p in zip(keys, parts)])
+    ua.sort()
+    table, base, shift = _rank_table(ua)
+    wins2 = np.zeros(k, dtype=np.int64)
+    sub_vals, sub_labels = [], []
+    for part, kk, col in zip(parts, keys, cols):
+        wins2 += part.sweep(kk, table, base, shift)
+        flagged = np.flatnonzero(part.entry < 0)
+        sub_vals.append(col[flagged])
+        sub_labels.append(part.labels[flagged])
+    vals, labels = np.concatenate(sub_vals), np.concatenate(sub_labels)
+    wins2 += np.bincount(labels, minlength=k)  # replace the -1 entries by the exact ranks
+    exact = _column_wins(vals, labels, a, k)  # multiples of 1/2, exact in float64
+    wins2 += np.rint(2 * exact).astype(np.int64)
+    wins2[a] = 0
+    high = None if top is None else np.concatenate([c[c >= top] for c in cols])
+    return wins2 / 2, high
+
+
+def _label_order(y: np.ndarray, k: int) -> np.ndarray:
+    """A stable argsort of integer labels in ``[0, k)`` (radix sort for 16-bit labels)."""
+    return np.argsort(y.astype(np.int16) if k <= 2**15 else y, kind="stable")
+
+
+def _ovo_auroc(parts, classwise: _ClasswiseSums | None = None) -> tuple[float, np.ndarray | None]:
+    """Hand & Till's OvO AUROC from class-major probabilities: ``parts`` are ``(probs_t (K, n),
+    labels (n,))`` pieces of the evaluation set, each with its columns grouped by label
+    (non-decreasing labels; one piece for a single call). For every class column a,
+    ``AUC(a|b) = 1 - w[a, b] / (n_a n_b)`` with ``w[a, b]`` the class-a ranks (Mann-Whitney,
+    ties averaged) of the class-b samples in column a (:func:`_table_wins`), all in integer
+    arithmetic, so the result does not depend on how the set was split.
+
+    Args:
+        parts: the pieces (tensors or arrays).
+        classwise: float32 pieces only: also bin every column's entries >= e_1 for classwise
+            ECE, as :meth:`_ClasswiseSums.add_column` on a copy.
+
+    Returns:
+        ``(auroc, upper_fixed)``: the AUROC and, with ``classwise``, the
+        :attr:`_ClasswiseSums.upper_fixed` sums of the entries >= e_1 (else None).
+    """
+    grouped = [_GroupedPart.of(_arr(p), _arr(y).astype(np.int64, copy=False)) for p, y in parts]
+    k = grouped[0].probs_t.shape[0]
+    counts = sum(np.diff(g.bounds) for g in grouped).astype(np.float64)
     present = np.flatnonzero(counts)
-    if len(present) < 2:
-        return _nan("cls/OvO-AUROC", f"{len(present)} class present in labels")
+    cw, top = None, None
+    if classwise is not None:
+        cw = _ClasswiseSums(k, classwise.n_bins)
+        top = float(_edges(cw.n_bins, np.float32)[1])
     w = np.zeros((k, k))
-    for a in present.tolist():
-        w[a] = _column_wins(probs_t[a].numpy(), y, a, k)
+    for a in range(k):
+        if counts[a] and len(present) >= 2:
+            w[a], high = _table_wins(grouped, a, k, top)
+        elif cw is not None:  # no ranks needed: only the classwise entries
+            high = np.concatenate([c[c >= top] for c in (g.probs_t[a] for g in grouped)])
+        if cw is not None:
+            cw.add_column(a, high)
+    upper = None if cw is None else cw.upper_fixed
+    if len(present) < 2:
+        return _nan("cls/OvO-AUROC", f"{len(present)} class present in labels"), upper
     n = counts[present]
     auc = 1 - w[np.ix_(present, present)] / (n[:, None] * n[None, :])
     pair = (auc + auc.T) / 2
     iu = np.triu_indices(len(present), k=1)
-    return float(pair[iu].mean())
+    return float(pair[iu].mean()), upper
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,12 +813,29 @@ def underconfidence_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int
     return _top_label_binned(probs, labels, n_bins)["cal/UE"]
 
 
-def _adaptive_ece(conf_asc: torch.Tensor, correct_asc: torch.Tensor, n_bins: int) -> float:
-    n = conf_asc.numel()
-    idx = torch.div(torch.arange(n) * n_bins, n, rounding_mode="floor")
-    sconf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf_asc.double())
-    sacc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct_asc.double())
-    return float((sacc - sconf).abs().sum() / n)
+def ece_sweep(probs: torch.Tensor, labels: torch.Tensor, p: float = 1.0) -> float:
+    """ECE-sweep: equal-mass bins, as many as keep bin accuracy monotone in confidence (Roelofs
+    et al. 2022); :func:`csm.calibration.estimators.sweep_calibration_error`."""
+    pr, y = validate_probs(probs, labels)
+    conf, correct = _top_label(pr, y)
+    return sweep_calibration_error(conf, correct, p=p)
+
+
+def debiased_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Debiased l2 calibration error, equal-mass bins (Kumar et al. 2019);
+    :func:`csm.calibration.estimators.debiased_calibration_error`."""
+    pr, y = validate_probs(probs, labels)
+    conf, correct = _top_label(pr, y)
+    return debiased_calibration_error(conf, correct, n_bins=n_bins)
+
+
+def _adaptive_ece(conf_asc, correct_asc, n_bins: int) -> float:
+    c, a = _arr(conf_asc), _arr(correct_asc)
+    n = c.size
+    idx = np.arange(n, dtype=np.int64) * n_bins // n
+    sconf = np.bincount(idx, weights=c, minlength=n_bins)
+    sacc = np.bincount(idx, weights=a, minlength=n_bins)
+    return float(np.abs(sacc - sconf).sum() / n)
 
 
 def adaptive_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
@@ -638,47 +846,121 @@ def adaptive_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) ->
     return _adaptive_ece(s.flip(0), correct[order].flip(0), _check_n_bins(n_bins))
 
 
+_EDGES: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+
+def _edges(n_bins: int, dtype: np.dtype) -> np.ndarray:
+    """The bin edges of :func:`bin_indices` (``torch.linspace`` in ``dtype``), cached."""
+    key = (n_bins, np.dtype(dtype))
+    if key not in _EDGES:
+        tdt = torch.from_numpy(np.empty(0, dtype)).dtype
+        _EDGES[key] = torch.linspace(0, 1, n_bins + 1, dtype=tdt).numpy()
+    return _EDGES[key]
+
+
+def _bin_np(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """:func:`bin_indices` for a numpy array, without a binary search: ``floor(v * n_bins)`` is
+    the bin or a neighbour of it (rounding is far below a bin width), so one comparison with
+    each adjacent edge makes it exactly ``torch.bucketize(v, edges[1:-1], right=True)``."""
+    edges = _edges(n_bins, values.dtype)
+    b = (values * n_bins).astype(np.intp)
+    np.clip(b, 0, n_bins - 1, out=b)
+    b -= values < edges[b]
+    b += (values >= edges[b + 1]) & (b < n_bins - 1)
+    return b
+
+
+def _fixed_point_bincount(key: np.ndarray, vals: np.ndarray, shift: int, size: int) -> np.ndarray:
+    """Exact int64 per-key sums of ``vals * 2**shift`` (integers by the choice of ``shift``):
+    float64 bincounts over pieces small enough that every partial sum stays below 2**53."""
+    out = np.zeros(size, dtype=np.int64)
+    step = max(1, 1 << max(0, 52 - shift - 1))
+    for s in range(0, key.size, step):
+        w = vals[s : s + step].astype(np.float64) * 2.0**shift
+        out += np.bincount(key[s : s + step], weights=w, minlength=size).astype(np.int64)
+    return out
+
+
 class _ClasswiseSums:
     """Accumulates sum p_ik per (class k, bin b) over row chunks, for classwise ECE.
 
     Bin 0 ([0, e_1)) holds most entries when K is large, and a row has at most n_bins - 1 entries
     >= e_1 (they sum to 1), so only those are binned one by one; bin 0's sum is the column total
-    minus the others.
+    minus the others. Works on numpy arrays (faster than torch for these small chunked passes).
+
+    The sums of float32 entries >= e_1 are exact: such an entry is an integer multiple of
+    ``2**-fixed_shift`` (its exponent is at least e_1's), so they are added as int64 in that unit
+    (:attr:`upper_fixed`) and do not depend on the order of the samples. That lets the OvO sweep,
+    which visits every class column anyway, bin them (:meth:`add_column`) instead of the row pass
+    with the same result. float64 entries are summed in float64 (:attr:`upper`).
     """
 
-    def __init__(self, k: int, n_bins: int, dtype: torch.dtype) -> None:
-        self.k, self.n_bins = k, n_bins
-        self.edges = torch.linspace(0, 1, n_bins + 1, dtype=dtype)
-        self.total = torch.zeros(k, dtype=torch.float64)
-        self.upper = torch.zeros(k * n_bins, dtype=torch.float64)
+    _FLUSH = 1 << 19
 
-    def add(self, blk: torch.Tensor) -> None:
-        self.total += blk.sum(0, dtype=torch.float64)  # float64: independent of chunking
-        if self.n_bins == 1:
+    def __init__(self, k: int, n_bins: int) -> None:
+        self.k, self.n_bins = k, n_bins
+        self.fixed_shift = 24 - int(np.frexp(_edges(n_bins, np.float32)[1])[1])
+        self.total = np.zeros(k, dtype=np.float64)
+        self.upper = np.zeros(k * n_bins, dtype=np.float64)
+        self.upper_fixed = np.zeros(k * n_bins, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._n_pending = 0
+
+    def add(self, blk: np.ndarray, *, upper: bool = True) -> None:
+        """Adds a (rows, K) chunk; the entries >= e_1 are binned in batches (:meth:`flush`),
+        unless ``upper`` is False (float32 only: :meth:`add_column` bins them instead)."""
+        self.total += blk.sum(0, dtype=np.float64)  # float64: independent of chunking
+        if self.n_bins == 1 or not upper:
             return
         flat = blk.reshape(-1)
-        idx = torch.nonzero(flat >= self.edges[1]).squeeze(1)
-        vals = flat[idx]
-        key = (idx % self.k) * self.n_bins + torch.bucketize(vals, self.edges[1:-1], right=True)
-        self.upper += torch.bincount(key, weights=vals.double(), minlength=self.upper.numel())
+        idx = np.flatnonzero(flat >= _edges(self.n_bins, blk.dtype)[1])
+        self._pending.append((idx % self.k, flat[idx]))
+        self._n_pending += idx.size
+        if self._n_pending >= self._FLUSH:
+            self.flush()
 
-    def value(self, py: torch.Tensor, y: torch.Tensor) -> float:
-        key = y * self.n_bins + bin_indices(py, self.n_bins)
-        hits = torch.bincount(key, minlength=self.k * self.n_bins).double()
-        return self.value_from_hits(hits, y.numel())
+    def flush(self) -> None:
+        """Bins the entries collected by :meth:`add` (call before reading the sums)."""
+        if not self._pending:
+            return
+        cls = np.concatenate([c for c, _ in self._pending])
+        vals = np.concatenate([v for _, v in self._pending])
+        self._pending, self._n_pending = [], 0
+        key = cls * self.n_bins + _bin_np(vals, self.n_bins)
+        if vals.dtype == np.float32:
+            self.upper_fixed += _fixed_point_bincount(key, vals, self.fixed_shift, self.upper.size)
+        else:
+            self.upper += np.bincount(key, weights=vals, minlength=self.upper.size)
 
-    def value_from_hits(self, hits: torch.Tensor, n: int) -> float:
-        """Classwise ECE from the per-(class, bin) counts of ``y == k`` (``k * n_bins + b``)."""
-        sums = self.upper.view(self.k, self.n_bins).clone()
+    def add_column(self, a: int, vals: np.ndarray) -> None:
+        """Adds the float32 entries ``vals`` (all >= e_1) of class column ``a``."""
+        b = self.n_bins
+        sums = _fixed_point_bincount(_bin_np(vals, b), vals, self.fixed_shift, b)
+        self.upper_fixed[a * b : (a + 1) * b] += sums
+
+    def hits(self, py: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per-(class, bin) counts of ``y == k`` (``k * n_bins + b``, b the bin of ``p_y``)."""
+        key = y * self.n_bins + _bin_np(py, self.n_bins)
+        return np.bincount(key, minlength=self.k * self.n_bins).astype(np.float64)
+
+    def value_from_hits(self, hits: np.ndarray, n: int, extra_fixed=None) -> float:
+        """Classwise ECE from the per-(class, bin) counts of :meth:`hits` (plus the
+        :attr:`upper_fixed` sums ``extra_fixed`` binned elsewhere)."""
+        fixed = self.upper_fixed if extra_fixed is None else self.upper_fixed + extra_fixed
+        upper = self.upper + fixed / 2.0**self.fixed_shift
+        sums = upper.reshape(self.k, self.n_bins).copy()
         sums[:, 0] = self.total - sums[:, 1:].sum(1)
-        return float((hits - sums.flatten()).abs().sum() / (n * self.k))
+        return float(np.abs(hits - sums.reshape(-1)).sum() / (n * self.k))
 
 
 def _classwise_ece(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> float:
-    acc = _ClasswiseSums(p.shape[1], n_bins, p.dtype)
-    for s in range(0, p.shape[0], max(1, _CHUNK_ELEMS // p.shape[1])):
-        acc.add(p[s : s + max(1, _CHUNK_ELEMS // p.shape[1])])
-    return acc.value(p.gather(1, y[:, None]).squeeze(1), y)
+    acc = _ClasswiseSums(p.shape[1], n_bins)
+    pn, rows = p.numpy(), max(1, _ROW_CHUNK_ELEMS // p.shape[1])
+    for s in range(0, p.shape[0], rows):
+        acc.add(pn[s : s + rows])
+    acc.flush()
+    py = p.gather(1, y[:, None]).squeeze(1).numpy()
+    return acc.value_from_hits(acc.hits(py, y.numpy()), y.numel())
 
 
 def classwise_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
@@ -696,11 +978,12 @@ def smooth_ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return _SmoothECE(*_top_label(p, y)).fixed_point()
 
 
-def _ks(conf_desc: torch.Tensor, correct_desc: torch.Tensor) -> float:
-    n = conf_desc.numel()
-    diff = torch.cumsum((conf_desc.double() - correct_desc.double()).flip(0), 0) / n
-    _, counts = torch.unique_consecutive(conf_desc.flip(0), return_counts=True)
-    return float(diff[torch.cumsum(counts, 0) - 1].abs().max())
+def _ks(conf_desc, correct_desc) -> float:
+    c, a = _arr(conf_desc)[::-1], _arr(correct_desc)[::-1]  # ascending views
+    n = c.size
+    diff = np.cumsum(c.astype(np.float64) - a) / n
+    ends = np.r_[_group_starts(c)[1:], n] - 1
+    return float(np.abs(diff[ends]).max())
 
 
 def ks_error(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -722,23 +1005,24 @@ def misclassification_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return _auroc(conf, correct, "sc/AUROC")
 
 
-def _selective(correct_desc: torch.Tensor) -> dict[str, float]:
-    n = correct_desc.numel()
-    err = torch.cumsum(1 - correct_desc.double(), 0)
-    i = torch.arange(1, n + 1, dtype=torch.float64)
-    risk = err / i
+def _selective(correct_desc) -> dict[str, float]:
+    a = _arr(correct_desc).astype(bool, copy=False)
+    n = a.size
+    i = np.arange(1, n + 1, dtype=np.int64)
+    err_count = i - np.cumsum(a, dtype=np.int64)  # errors among the i most confident, exact
+    err, cover = err_count.astype(np.float64), i.astype(np.float64)
+    risk = err / cover
     aurc_v = float(risk.mean())
-    n_wrong = float(err[-1])
-    n_correct = n - n_wrong
-    opt = float(((i - n_correct).clamp(min=0) / i).mean())
+    n_correct = n - int(err_count[-1])
+    opt = float((np.maximum(i - n_correct, 0) / cover).mean())
     keep = max(1, math.ceil(0.8 * n - 1e-9))
-    ok = torch.nonzero(risk <= _COV_RISK).flatten()
+    ok = np.flatnonzero(risk <= _COV_RISK)
     out = {
         "sc/AURC": aurc_v,
         "sc/E-AURC": aurc_v - opt,
         "sc/Risk@80": float(err[keep - 1] / keep),
         # 0.0 when no coverage reaches the risk (reject everything); torch-uncertainty: NaN
-        "sc/Cov@5Risk": float(ok[-1] + 1) / n if ok.numel() else 0.0,
+        "sc/Cov@5Risk": float(ok[-1] + 1) / n if ok.size else 0.0,
     }
     if n < 2:
         out["sc/AUGRC"] = _nan("sc/AUGRC", "fewer than 2 samples")
@@ -824,7 +1108,14 @@ def selective_metrics(
 def ovo_auroc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """One-vs-one macro AUROC (Hand & Till 2001), as sklearn's ``multi_class="ovo"``."""
     p, y = validate_probs(probs, labels)
-    return _ovo_auroc((p.t() + 0.0).contiguous(), y)  # + 0.0 turns -0.0 into 0.0
+    pn, yn = p.numpy(), y.numpy()
+    order = _label_order(yn, p.shape[1])
+    probs_t = np.empty(pn.shape[::-1], dtype=pn.dtype)  # class-major, samples grouped by label
+    rows = max(1, _ROW_CHUNK_ELEMS // pn.shape[1])
+    for s in range(0, pn.shape[0], rows):  # chunks whose transpose stays in cache
+        # + 0.0 turns -0.0 into 0.0 (values are ranked as bit patterns)
+        np.add(np.take(pn, order[s : s + rows], 0).T, 0.0, out=probs_t[:, s : s + rows])
+    return _ovo_auroc([(probs_t, yn[order])])[0]
 
 
 def ood_auroc(probs_in: torch.Tensor, probs_out: torch.Tensor) -> float:
@@ -848,19 +1139,22 @@ def ood_metrics(probs_in: torch.Tensor, probs_out: torch.Tensor) -> dict[str, fl
 _KDE_GRID_POINTS = 2**14
 
 
-def _triweight_kde(data: torch.Tensor, bw: float, grid: torch.Tensor) -> torch.Tensor:
+def _triweight_kde(data: list[np.ndarray], bw: float, grid: torch.Tensor) -> torch.Tensor:
     """KDEpy's ``FFTKDE(bw, kernel="triweight").fit(data).evaluate(grid)`` on an equidistant
-    grid: the data are linearly binned onto the grid (weights summing to 1), then convolved
-    ("same") with the kernel sampled at the grid offsets. KDEpy scales kernels to unit variance,
-    so the triweight ``35/32 (1 - t^2)^3`` (variance 1/9) has support radius ``3 bw``."""
+    grid: the data (the concatenation of the float64 arrays ``data``) are linearly binned onto
+    the grid (weights summing to 1), then convolved ("same") with the kernel sampled at the grid
+    offsets. KDEpy scales kernels to unit variance, so the triweight ``35/32 (1 - t^2)^3``
+    (variance 1/9) has support radius ``3 bw``."""
     n = grid.numel()
-    dx = float(grid[1] - grid[0])
-    pos = (data - grid[0]) / dx
-    lo = pos.floor().long().clamp(0, n - 2)
-    frac = pos - lo
-    w = torch.zeros(n, dtype=torch.float64).index_add_(0, lo, 1 - frac)
-    w.index_add_(0, lo + 1, frac)
-    w /= data.numel()
+    g0, dx = float(grid[0]), float(grid[1] - grid[0])
+    weights = np.zeros(n, dtype=np.float64)
+    for part in data:
+        pos = (part - g0) / dx
+        lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 2)
+        frac = pos - lo
+        weights += np.bincount(lo, 1 - frac, n)
+        weights += np.bincount(lo + 1, frac, n)
+    w = torch.from_numpy(weights / sum(part.size for part in data))
     radius = 3.0 * bw
     half = min(int(math.floor(radius / dx)), n - 1)
     t = torch.arange(-half, half + 1, dtype=torch.float64) * dx / radius
@@ -880,22 +1174,22 @@ def _kde_ece(conf: torch.Tensor, correct: torch.Tensor) -> float:
     density exceeds 1e-6 (elsewhere the integrand repeats its previous value, as in the
     reference); KDE-ECE = trapz(|c - acc(c)| f(c)) / trapz(f(c)) over the grid points in [0, 1].
     """
-    c = conf.double()
-    ok = correct.bool()
-    n = c.numel()
+    c = _arr(conf).astype(np.float64)
+    ok = _arr(correct).astype(bool, copy=False)
+    n = c.size
     c1 = c[ok]
-    if c1.numel() < 2 or float(c1.std(correction=0)) == 0:
+    if c1.size < 2 or float(c1.std()) == 0:
         return _nan("cal/KDE-ECE", "fewer than two distinct confidences of correct predictions")
-    bw = float(c1.std(correction=0)) * (2 * n) ** -0.2
+    bw = float(c1.std()) * (2 * n) ** -0.2
     grid = torch.linspace(-0.6, 1.6, _KDE_GRID_POINTS, dtype=torch.float64)
     inside = (grid > 0) & (grid < 1)
 
-    def density(d: torch.Tensor) -> torch.Tensor:
-        mirrored = torch.cat([-d[d < 0.5], d, 2 - d[d >= 0.5]])
+    def density(d: np.ndarray) -> torch.Tensor:
+        mirrored = [-d[d < 0.5], d, 2 - d[d >= 0.5]]
         return torch.where(inside, 2 * _triweight_kde(mirrored, bw, grid), 0.0)
 
     pp1, pp2 = density(c1), density(c)
-    acc = float(ok.double().mean())
+    acc = c1.size / n
     valid = torch.maximum(pp1, pp2) > 1e-6
     rel = torch.clamp(acc * pp1 / pp2, max=1.0)  # pp2 == 0 < pp1 gives inf -> 1, as np.min
     vals = torch.where(valid, (grid - rel).abs() * pp2, 0.0)
@@ -906,16 +1200,16 @@ def _kde_ece(conf: torch.Tensor, correct: torch.Tensor) -> float:
     return float(torch.trapezoid(integral[ind], grid[ind]) / den)
 
 
-def _mmce(conf_asc: torch.Tensor, correct_asc: torch.Tensor, width: float = 0.4) -> float:
+def _mmce(conf_asc, correct_asc, width: float = 0.4) -> float:
     """MMCE = sqrt((1/N^2) sum_ij (a_i - c_i)(a_j - c_j) exp(-|c_i - c_j| / width)) exactly in
     O(N) on ascending confidences: for c_i <= c_j the kernel factorises into
     ``exp(c_i / w) exp(-c_j / w)``, so the double sum is a prefix sum."""
-    c = conf_asc.double()
-    r = correct_asc.double() - c
-    up = r * torch.exp(c / width)
-    prefix = torch.cumsum(up, 0) - up  # sum over i < j
-    total = float((r * r).sum() + 2 * (r * torch.exp(-c / width) * prefix).sum())
-    return math.sqrt(max(total, 0.0)) / c.numel()
+    c = _arr(conf_asc).astype(np.float64)
+    r = _arr(correct_asc) - c
+    up = r * np.exp(c / width)
+    prefix = np.cumsum(up) - up  # sum over i < j
+    total = float((r * r).sum() + 2 * (r * np.exp(-c / width) * prefix).sum())
+    return math.sqrt(max(total, 0.0)) / c.size
 
 
 def kde_ece(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -1068,14 +1362,26 @@ class MetricStream:
         self.n = 0
         self.nll_sum = self.sq_sum = self.py_sum = 0.0
         want_cw = "cal/ClasswiseECE" not in self.exclude
-        self.classwise = _ClasswiseSums(self.k, self.n_bins, torch.float32) if want_cw else None
-        self.hits = torch.zeros(self.k * self.n_bins, dtype=torch.float64)
+        self.classwise = _ClasswiseSums(self.k, self.n_bins) if want_cw else None
+        self.hits = np.zeros(self.k * self.n_bins, dtype=np.float64)
         self.want_ovo = "cls/OvO-AUROC" not in self.exclude
+        self.dtype: torch.dtype | None = None  # of the scores, fixed by the first update
         self.conf: list[torch.Tensor] = []
         self.correct: list[torch.Tensor] = []
         self.probs_t: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.ood_conf: list[torch.Tensor] = []
+
+    @property
+    def classwise_in_ovo(self) -> bool:
+        """Whether the OvO sweep bins the classwise entries >= e_1 (float32 scores), not the
+        row pass (same sums: they are exact, see :class:`_ClasswiseSums`)."""
+        return (
+            self.want_ovo
+            and self.classwise is not None
+            and self.dtype == torch.float32
+            and self.n_bins > 1
+        )
 
     @property
     def name(self) -> str:
@@ -1107,53 +1413,87 @@ class MetricStream:
             self.ood_conf.append(p.max(dim=1).values)
 
     def _row_pass(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One chunked pass over the rows: softmax (for logits), top label, NLL, Brier, classwise
-        sums, class-major probabilities for OvO. Chunks of ~256K values stay in cache, so the
-        several reductions cost about one read of the matrix instead of one each."""
+        """One chunked pass over the rows: softmax (for logits), top label, the per-row terms of
+        NLL and Brier, classwise sums and, for the OvO AUROC, the class-major probabilities
+        with the samples grouped by label (the rows are then visited in label order). Chunks of
+        ~64K values stay in cache, so the several reductions cost about one read of the matrix
+        instead of one each; they run in numpy, whose kernels beat torch's on such small chunks
+        on one thread."""
+        if self.dtype not in (None, x.dtype):
+            raise CSMError(
+                f"{self.name}: dtype {x.dtype}, but the stream's earlier batches were "
+                f"{self.dtype}; pass every batch in one dtype"
+            )
+        self.dtype = x.dtype
         n, k = x.shape
+        xn, yn = x.numpy(), y.numpy()
         rows = max(1, _ROW_CHUNK_ELEMS // k)
         logits = not self.from_probs
-        probs_t = torch.empty(k, n, dtype=x.dtype) if self.want_ovo else None
-        conf = torch.empty(n, dtype=x.dtype)
-        pred = torch.empty(n, dtype=torch.long)
-        cw = self.classwise
-        if cw is not None and cw.edges.dtype != x.dtype:
-            cw.edges = cw.edges.to(x.dtype)
+        upper = not self.classwise_in_ovo
+        # rows in label order always, so that excluding the OvO AUROC leaves every float sum
+        # (NLL, Brier, classwise) bit-identical
+        order = _label_order(yn, k)
+        y_rows = yn[order]
+        probs_t = np.empty((k, n), dtype=xn.dtype) if self.want_ovo else None
+        buf = np.empty((min(rows, n), k), dtype=xn.dtype)
+        conf, py, sq = (np.empty(n, dtype=xn.dtype) for _ in range(3))
+        pred = np.empty(n, dtype=np.int64)
+        z_pred, z_y = (np.empty(n, dtype=xn.dtype) for _ in range(2)) if logits else (None, None)
+        offsets = np.arange(min(rows, n)) * k
         for s in range(0, n, rows):
-            xb, yb = x[s : s + rows], y[s : s + rows]
-            pb = torch.softmax(xb, dim=1) if logits else xb
-            if probs_t is not None:
-                probs_t[:, s : s + rows] = pb.t() if logits else pb.t() + 0.0  # no -0.0
-            cb, predb = pb.max(dim=1)
-            conf[s : s + rows], pred[s : s + rows] = cb, predb
-            pyb = pb.gather(1, yb[:, None]).squeeze(1)
+            e = min(n, s + rows)
+            xb = np.take(xn, order[s:e], 0, out=buf[: e - s])
+            pb = torch.softmax(torch.from_numpy(xb), dim=1).numpy() if logits else xb
+            if probs_t is not None and logits:
+                probs_t[:, s:e] = pb.T
+            elif probs_t is not None:
+                np.add(pb.T, 0.0, out=probs_t[:, s:e])  # + 0.0: no -0.0 (ranked as bits)
+            flat, off = pb.reshape(-1), offsets[: e - s]
+            pb.argmax(1, out=pred[s:e])  # first index among exact ties, as torch.max
+            at_pred, at_y = off + pred[s:e], off + y_rows[s:e]
+            np.take(flat, at_pred, out=conf[s:e])
+            np.take(flat, at_y, out=py[s:e])
+            np.einsum("ij,ij->i", pb, pb, out=sq[s:e])
             if logits:
-                # logsumexp(z) = z_k - log p_k for any k; k = argmax keeps p_k >= 1/K
-                lse = xb.gather(1, predb[:, None]).squeeze(1).double() - torch.log(cb.double())
-                self.nll_sum += float((lse - xb.gather(1, yb[:, None]).squeeze(1).double()).sum())
-            else:
-                self.nll_sum += float(-torch.log(pyb.double().clamp(min=_NLL_FLOOR)).sum())
-            self.sq_sum += float(torch.einsum("ij,ij->i", pb, pb).double().sum())
-            self.py_sum += float(pyb.double().sum())
-            if cw is not None:
-                cw.add(pb)
-                key = yb * self.n_bins + bin_indices(pyb, self.n_bins)
-                self.hits += torch.bincount(key, minlength=self.hits.numel()).double()
-        self.n += n
-        self.conf.append(conf)
-        self.correct.append(pred == y)
+                np.take(xb.reshape(-1), at_pred, out=z_pred[s:e])
+                np.take(xb.reshape(-1), at_y, out=z_y[s:e])
+            if self.classwise is not None:
+                self.classwise.add(pb, upper=upper)
+        self._add_row_terms(conf, py, sq, z_pred, z_y, y_rows)
+        correct = pred == y_rows
+        conf[order], correct[order] = conf.copy(), correct.copy()  # back to the sample order
         if probs_t is not None:
-            self.probs_t.append(probs_t)
-            self.labels.append(y)
+            self.probs_t.append(torch.from_numpy(probs_t))
+            self.labels.append(torch.from_numpy(y_rows))
+        self.n += n
+        self.conf.append(torch.from_numpy(conf))
+        self.correct.append(torch.from_numpy(correct))
+
+    def _add_row_terms(self, conf, py, sq, z_pred, z_y, y) -> None:
+        """Adds the NLL, Brier and classwise-hit terms of a row pass (any row order)."""
+        if z_pred is not None:
+            # logsumexp(z) = z_k - log p_k for any k; k = argmax keeps p_k >= 1/K
+            f64 = np.float64
+            nll = z_pred.astype(f64) - np.log(conf.astype(f64)) - z_y.astype(f64)
+        else:
+            nll = -np.log(np.maximum(py.astype(np.float64), _NLL_FLOOR))
+        self.nll_sum += float(nll.sum())
+        self.sq_sum += float(sq.sum(dtype=np.float64))
+        self.py_sum += float(py.sum(dtype=np.float64))
+        if self.classwise is not None:
+            self.classwise.flush()
+            self.hits += self.classwise.hits(py, y)
 
     def merge(self, other: MetricStream) -> MetricStream:
         """Appends ``other``'s samples after this stream's (in place); returns ``self``."""
         same = (self.k, self.n_bins, self.exclude, self.from_probs)
-        if same != (other.k, other.n_bins, other.exclude, other.from_probs):
+        dtypes = {self.dtype, other.dtype} - {None}
+        if same != (other.k, other.n_bins, other.exclude, other.from_probs) or len(dtypes) > 1:
             raise CSMError(
-                "merge: the streams differ in classes, n_bins, exclude or from_probs; create "
-                "every process's stream with the same arguments"
+                "merge: the streams differ in classes, n_bins, exclude, from_probs or dtype; "
+                "create every process's stream with the same arguments and feed it one dtype"
             )
+        self.dtype = self.dtype or other.dtype
         self.n += other.n
         self.nll_sum += other.nll_sum
         self.sq_sum += other.sq_sum
@@ -1161,6 +1501,7 @@ class MetricStream:
         if self.classwise is not None and other.classwise is not None:
             self.classwise.total += other.classwise.total
             self.classwise.upper += other.classwise.upper
+            self.classwise.upper_fixed += other.classwise.upper_fixed
         self.hits += other.hits
         for mine, theirs in (
             (self.conf, other.conf),
@@ -1183,17 +1524,23 @@ class MetricStream:
         skip, n_bins = self.exclude, self.n_bins
         conf, correct = _cat(self.conf), _cat(self.correct)
         out: dict[str, float] = {
-            "cls/Acc": float(correct.double().mean()),
+            "cls/Acc": float(np.count_nonzero(correct.numpy()) / self.n),
             "cls/NLL": self.nll_sum / self.n,
             "cls/Brier": (self.sq_sum - 2 * self.py_sum) / self.n + 1,
         }
         binned = binned_errors(*binned_sums(conf, correct, n_bins))
-        s_desc, order = torch.sort(conf, descending=True, stable=True)
-        c_desc = correct[order]
+        s_desc, c_desc = _sort_desc(conf, correct)
         out["cal/ECE"] = binned["cal/ECE"]
-        out["cal/AdaECE"] = _adaptive_ece(s_desc.flip(0), c_desc.flip(0), n_bins)
+        out["cal/AdaECE"] = _adaptive_ece(s_desc[::-1], c_desc[::-1], n_bins)
+        out["cal/ECE-sweep"] = sweep_error_sorted(s_desc[::-1], c_desc[::-1])
+        out["cal/dECE"] = debiased_error_sorted(s_desc[::-1], c_desc[::-1], n_bins)
+        cw_cols = None
+        if self.want_ovo:
+            parts = list(zip(self.probs_t, self.labels))
+            in_ovo = self.classwise if self.classwise_in_ovo else None
+            out["cls/OvO-AUROC"], cw_cols = _ovo_auroc(parts, in_ovo)
         if self.classwise is not None:
-            out["cal/ClasswiseECE"] = self.classwise.value_from_hits(self.hits, self.n)
+            out["cal/ClasswiseECE"] = self.classwise.value_from_hits(self.hits, self.n, cw_cols)
         for key in ("cal/MCE", "cal/OE", "cal/UE"):
             out[key] = binned[key]
         if "cal/smECE" not in skip:
@@ -1202,14 +1549,29 @@ class MetricStream:
         if "cal/KDE-ECE" not in skip:
             out["cal/KDE-ECE"] = _kde_ece(conf, correct)
         if "cal/MMCE" not in skip:
-            out["cal/MMCE"] = _mmce(s_desc.flip(0), c_desc.flip(0))
+            out["cal/MMCE"] = _mmce(s_desc[::-1], c_desc[::-1])
         out["sc/AUROC"] = _auroc_sorted_desc(s_desc, c_desc, "sc/AUROC")
         out.update(_selective(c_desc))
-        if self.want_ovo:
-            out["cls/OvO-AUROC"] = _ovo_auroc(_cat(self.probs_t, dim=1), _cat(self.labels))
         if self.ood_conf:
             out.update(_ood_metrics(conf, _cat(self.ood_conf)))
         return {key: out[key] for key in METRIC_INFO if key in out and key not in skip}
+
+
+def _sort_desc(conf: torch.Tensor, correct: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Confidences (probabilities, >= 0) sorted descending, stable among ties, and the
+    correctness in that order, as arrays. float32 confidences sort as one int64 key, the
+    reversed bit pattern above the sample index: numpy's integer sort is ~8x faster than a
+    stable torch sort."""
+    n = conf.numel()
+    if conf.dtype != torch.float32 or n >= 2**32:
+        s_desc, order = torch.sort(conf, descending=True, stable=True)
+        return s_desc.numpy(), correct[order].numpy()
+    key = (np.int64(0x7FFFFFFF) - conf.numpy().view(np.int32)) << 32
+    key |= np.arange(n, dtype=np.int64)
+    key.sort()
+    s_desc = (np.int64(0x7FFFFFFF) - (key >> 32)).astype(np.int32).view(np.float32)
+    key &= 0xFFFFFFFF
+    return s_desc, correct.numpy()[key]
 
 
 def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -1261,7 +1623,7 @@ def compute_all(
         ood_logits: optional (M, K) logits of an OOD set; adds ``ood/AUROC``, ``ood/AUPR`` and
             ``ood/FPR95``.
         exclude: metric names (or torch-uncertainty aliases) to leave out. ``cls/OvO-AUROC``
-            is the most expensive (one sort per class column, O(K N log N)); excluding it,
+            is the most expensive (a class-major copy and O(N) per class column); excluding it,
             ``cal/smECE``, ``cal/ClasswiseECE``, ``cal/KDE-ECE`` or ``cal/MMCE`` skips their
             computation.
 
@@ -1288,7 +1650,8 @@ def _one_shot(scores, labels, n_bins, ood, exclude, *, from_probs: bool) -> dict
                 "set with the same model"
             )
         stream.update_ood(ood)
-    stream.update(x, y)
+    with torch.no_grad():
+        stream._row_pass(x, y)  # x, y validated above; update() would validate them again
     return stream.compute()
 
 

@@ -31,7 +31,7 @@ __all__ = ["CACHE_DIR", "CACHE_VERSION", "OutputCache", "Outputs", "weights_dige
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = "eval_cache"
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: score rows carry val_n / val_errors
 
 
 @dataclass

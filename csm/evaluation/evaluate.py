@@ -66,9 +66,11 @@ from csm.evaluation.leaderboard import (
     CLEAN,
     format_leaderboard,
     group_labeler,
+    write_paired,
     write_results,
 )
 from csm.evaluation.outputs import RunInfo, load_run_info, run_outputs
+from csm.evaluation.paired import PairedSamples, paired_comparison
 from csm.evaluation.scoring import score_run
 from csm.utils import atomic_write_text, check_output, claim_output, distributed_state
 
@@ -103,6 +105,13 @@ class EvaluateConfig:
         metadata={"help": "OOD set: a dataset spec, or 'heldout' for classes the run never saw"},
     )
     n_bins: int = field(default=15, metadata={"help": "bins of ECE-type metrics and diagrams"})
+    reference: str = field(
+        default="ce",
+        metadata={"help": "method every other is compared with, paired by seed (paired.csv)"},
+    )
+    n_boot: int = field(
+        default=1000, metadata={"help": "bootstrap replicates of the paired comparison (0: off)"}
+    )
     batch_size: int = field(default=256, metadata={"help": "inference batch size"})
     seed: int = field(default=0, metadata={"help": "seed of the random corruptions (noise)"})
     device: str = field(default="cpu", metadata={"help": "torch device for inference"})
@@ -165,9 +174,24 @@ def _identity(run: RunInfo) -> dict[str, Any]:
     }
 
 
-def evaluate_runs(
-    cfg: EvaluateConfig, check_out_dir: bool = False
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_runs` computed.
+
+    Attributes:
+        rows: Result rows (dicts, metric values as fractions).
+        pooled: Per method label, per calibrator, the ``(probs, labels)`` of each run's clean
+            test split (the plots pool them over seeds).
+        per_seed: Per method label, per calibrator, per seed, the clean-test per-sample
+            quantities of the paired comparison (:mod:`csm.evaluation.paired`).
+    """
+
+    rows: list[dict[str, Any]]
+    pooled: dict[str, Any]
+    per_seed: dict[str, dict[str, dict[int, PairedSamples]]]
+
+
+def evaluate_runs(cfg: EvaluateConfig, check_out_dir: bool = False) -> Evaluation:
     """Compute every metric for every run x calibrator x condition (no files written but the
     cache).
 
@@ -178,8 +202,8 @@ def evaluate_runs(
         cfg: The evaluation options.
 
     Returns:
-        ``(rows, pooled)``: result rows (dicts, metric values as fractions) and, per method, the
-        clean-test probabilities of each calibrator (pooled over seeds) for the plots.
+        The result rows, the clean-test probabilities for the plots and the per-seed samples
+        of the paired comparison (:class:`Evaluation`).
 
     Raises:
         CSMError: No runs, a run without weights, runs with different class sets, non-finite
@@ -198,6 +222,9 @@ def evaluate_runs(
     rows: list[dict[str, Any]] = []
     pooled: dict[str, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = defaultdict(
         lambda: defaultdict(list)
+    )
+    per_seed: dict[str, dict[str, dict[int, PairedSamples]]] = defaultdict(
+        lambda: defaultdict(dict)
     )
     for run in tqdm(runs, desc="runs", disable=len(runs) < 2):
         outs = run_outputs(run, cfg, corruptions, data_cache)
@@ -219,8 +246,11 @@ def evaluate_runs(
         group = group_label(_identity(run))
         for cal_name in ["none", *cal_names]:  # panel order = calibrator order
             pooled[group][cal_name].append((clean_probs[cal_name], labels))
+            per_seed[group][cal_name][run.seed] = PairedSamples.from_probs(
+                clean_probs[cal_name], labels
+            )
         logger.info("evaluated %s (%s, seed %d)", run.path, run.method, run.seed)
-    return rows, pooled
+    return Evaluation(rows, pooled, per_seed)
 
 
 def _open_ood(cfg: EvaluateConfig, runs: list[RunInfo], data_cache: dict) -> None:
@@ -268,6 +298,8 @@ def check_evaluate_options(cfg: EvaluateConfig) -> None:
     _selected(cfg.corruptions, CORRUPTIONS, "corruptions")
     if cfg.batch_size < 1:
         raise CSMError(f"--batch-size {cfg.batch_size}: must be >= 1")
+    if cfg.n_boot < 0:
+        raise CSMError(f"--n-boot {cfg.n_boot}: must be >= 0 (0 turns the paired comparison off)")
 
 
 def check_out(cfg: EvaluateConfig) -> None:
@@ -285,6 +317,29 @@ def check_out(cfg: EvaluateConfig) -> None:
             f"--out {out}: already holds evaluation results; pass --overwrite to replace them or "
             "choose another --out"
         )
+
+
+def _paired(cfg: EvaluateConfig, ev: Evaluation) -> list[dict[str, Any]]:
+    """Paired comparison rows against ``cfg.reference``, within each (model, dataset) subset
+    of the runs (empty when off or when no reference run exists)."""
+    if cfg.n_boot <= 0:
+        return []
+    label = group_labeler(ev.rows)
+    subsets: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for r in ev.rows:
+        subsets[(str(r["model"]), str(r["dataset"]))][label(r)] = str(r["method"])
+    out: list[dict[str, Any]] = []
+    for methods in subsets.values():
+        refs = [g for g, m in methods.items() if m == cfg.reference]
+        if not refs:
+            continue
+        samples = {g: ev.per_seed[g] for g in methods}
+        out += paired_comparison(
+            samples, refs[0], n_boot=cfg.n_boot, seed=cfg.seed, n_bins=cfg.n_bins
+        )
+    if not out:
+        logger.info("no %s runs to pair with: no paired comparison", cfg.reference)
+    return out
 
 
 def evaluate(cfg: EvaluateConfig, *, save_cfg: bool = True) -> str:
@@ -306,7 +361,8 @@ def evaluate(cfg: EvaluateConfig, *, save_cfg: bool = True) -> str:
 
     state = distributed_state()
     # csm benchmark (save_cfg=False) writes into its own folder and checks it itself
-    rows, pooled = evaluate_runs(cfg, check_out_dir=save_cfg)
+    ev = evaluate_runs(cfg, check_out_dir=save_cfg)
+    rows, pooled = ev.rows, ev.pooled
     ranks = gather_object([state.process_index]) if state.num_processes > 1 else [0]
     if save_cfg:
         _claim_on_main(cfg, state)
@@ -316,9 +372,14 @@ def evaluate(cfg: EvaluateConfig, *, save_cfg: bool = True) -> str:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_results(rows, out / "results.csv")
-    board = format_leaderboard(rows, n_bins=cfg.n_bins)
+    written = [out / "results.csv"]
+    paired = _paired(cfg, ev)
+    if paired:
+        write_paired(paired, out / "paired.csv")
+        written.append(out / "paired.csv")
+    board = format_leaderboard(rows, n_bins=cfg.n_bins, paired=paired, reference=cfg.reference)
     atomic_write_text(out / "leaderboard.md", board)
-    written = [out / "results.csv", out / "leaderboard.md"]
+    written.append(out / "leaderboard.md")
     if cfg.plots:
         from csm.evaluation.plots import write_plots
 
@@ -333,6 +394,7 @@ def evaluate(cfg: EvaluateConfig, *, save_cfg: bool = True) -> str:
         "csm": __version__,
         "runs": list(dict.fromkeys(str(r) for r in cfg.runs)),
         "rows": len(rows),
+        "paired": {"reference": cfg.reference, "n_boot": cfg.n_boot, "bootstrap_seed": cfg.seed},
     }
     atomic_write_text(out / "evaluation.json", json.dumps(record, indent=2) + "\n")
     written.append(out / "evaluation.json")

@@ -1,7 +1,8 @@
 """``results.csv`` and ``leaderboard.md``: the evaluator's result rows, written, read and tabulated.
 
 A result row is a dict with the identity columns :data:`ID_COLUMNS` (run, method, model, dataset,
-seed, calibrator, condition, corruption, severity, n) and one value per metric of
+seed, calibrator, condition, corruption, severity, n, and the size and error count of the
+validation split the calibrators were fitted on: val_n, val_errors) and one value per metric of
 :data:`csm.calibration.metrics.METRIC_INFO` (fractions; NLL in nats). The leaderboard reads each
 metric's label, unit and direction from that one table.
 """
@@ -22,12 +23,30 @@ from csm.utils import atomic_write_text
 
 __all__ = [
     "CLEAN",
+    "BIN_COUNTS",
+    "BINNED_ECE_PREFIX",
     "ID_COLUMNS",
+    "MIN_VAL_ERRORS",
     "format_leaderboard",
     "group_labeler",
+    "PAIRED_COLUMNS",
+    "format_paired",
+    "format_sanity",
+    "read_paired",
     "read_results",
+    "write_paired",
     "write_results",
 ]
+
+#: Fewest errors a calibration split should hold for its calibrators to be trusted (issue 15:
+#: runs below it are flagged in the log and the leaderboard's sanity checks).
+MIN_VAL_ERRORS = 20
+
+#: Bin counts of the binned-ECE sensitivity table (clean test; columns ``cal/ECE@<bins>``): the
+#: ranking of methods by binned ECE can change with the bin count (the question the NATS-Bench
+#: calibration study, arXiv 2401.11396, raises).
+BIN_COUNTS = (5, 10, 15, 25, 50, 100)
+BINNED_ECE_PREFIX = "cal/ECE@"
 
 CLEAN = "clean"
 """Name of the uncorrupted test condition (others are ``<corruption>@<severity>``)."""
@@ -43,6 +62,25 @@ ID_COLUMNS = [
     "corruption",
     "severity",
     "n",
+    "val_n",
+    "val_errors",
+]
+
+#: Columns of ``paired.csv`` (rows of :func:`csm.evaluation.paired.paired_comparison`).
+PAIRED_COLUMNS = [
+    "reference",
+    "method",
+    "calibrator",
+    "metric",
+    "n_seeds",
+    "seeds",
+    "diffs",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "wins",
+    "ties",
+    "losses",
 ]
 
 Row = dict[str, Any]
@@ -68,6 +106,28 @@ def write_results(rows: Sequence[Row], path: str | os.PathLike) -> None:
     for r in rows:
         w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(path, buf.getvalue())
+
+
+def write_paired(rows: Sequence[Row], path: str | os.PathLike) -> None:
+    """Write the paired comparison rows as ``paired.csv`` (atomically; floats as ``repr``)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=PAIRED_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_paired(path: str | os.PathLike) -> list[Row]:
+    """Read ``paired.csv`` back (numbers as floats / ints)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        for k in ("mean_diff", "ci_low", "ci_high"):
+            r[k] = float(r[k])
+        for k in ("n_seeds", "wins", "ties", "losses"):
+            r[k] = int(r[k])
+    return rows
 
 
 def read_results(path: str | os.PathLike) -> list[Row]:
@@ -217,8 +277,10 @@ def _header(board: _Board, n_bins: int) -> list[str]:
         "the squared error summed over classes (0..2), as fractions. "
         f"ECE, MCE, OE, UE: {n_bins} equal-width bins on the top-label confidence, "
         "[lo, hi) with the last bin closed so confidence 1.0 lands in it; "
-        f"AdaECE: {n_bins} equal-mass bins; classwise ECE: {n_bins} equal-width bins per "
-        "class; smECE, KS, KDE-ECE (Zhang et al. 2020) and MMCE (Kumar et al. 2018, "
+        f"AdaECE: {n_bins} equal-mass bins; ECE-sweep: equal-mass bins, as many as keep bin "
+        "accuracy monotone (Roelofs et al. 2022); dECE: debiased l2 estimator, "
+        f"{n_bins} equal-mass bins (Kumar et al. 2019); classwise ECE: {n_bins} equal-width bins "
+        "per class; smECE, KS, KDE-ECE (Zhang et al. 2020) and MMCE (Kumar et al. 2018, "
         "Laplacian kernel, width 0.4) use no bins. "
         "mis-AUROC: misclassification detection by max-softmax (alien: by -uncertainty; correct "
         "= positive); AURC, E-AURC and AUGRC (Traub et al. 2024) from the risk-coverage curve; "
@@ -253,6 +315,36 @@ def _calibrator_tables(board: _Board) -> list[str]:
         title = f"{info.label} on clean test after each post-hoc calibrator"
         tables.append(_table(title, board.groups, cols, cells))
     return tables
+
+
+def _bins_table(board: _Board) -> str | None:
+    """Binned ECE at each of :data:`BIN_COUNTS` (clean, no calibrator), with each method's rank
+    per bin count (``None``: the rows hold no such columns)."""
+    cols_present = [
+        b for b in BIN_COUNTS if any(f"{BINNED_ECE_PREFIX}{b}" in r for r in board.rows)
+    ]
+    if not cols_present:
+        return None
+    means: dict[tuple[str, int], float] = {}
+    cells: Cells = {}
+    for b in cols_present:
+        for g, vals in board.by_group(board.base_cal, CLEAN, f"{BINNED_ECE_PREFIX}{b}").items():
+            cells[(g, str(b))] = vals
+            means[(g, b)] = _mean_std(vals)[0]
+    cols = [(str(b), MetricInfo(f"ECE {b} bins", False, True)) for b in cols_present]
+    table = _table(
+        f"Binned ECE vs number of bins (clean test, calibrator: {board.base_cal})",
+        board.groups,
+        cols,
+        cells,
+    )
+    orders = {
+        b: tuple(sorted(board.groups, key=lambda g, b=b: means.get((g, b), math.inf)))
+        for b in cols_present
+    }
+    verdict = "changes" if len(set(orders.values())) > 1 else "does not change"
+    best = "; ".join(f"{b}: " + " < ".join(order[:5]) for b, order in orders.items())
+    return f"{table}\n\nThe ranking by binned ECE {verdict} with the bin count (best five: {best})."
 
 
 def _shift_table(board: _Board) -> str | None:
@@ -291,7 +383,120 @@ def _shift_table(board: _Board) -> str | None:
     return _table(title, row_labels, cols, dict(cells))
 
 
-def format_leaderboard(rows: Sequence[Row], *, n_bins: int = 15) -> str:
+def _clean_values(rows: Sequence[Row], method: str, cal: str, metric: str) -> dict[str, float]:
+    """Per seed, ``metric`` of ``method`` on clean test under ``cal``."""
+    return {
+        str(r["seed"]): _num(r.get(metric))
+        for r in rows
+        if r["method"] == method and r["calibrator"] == cal and r["condition"] == CLEAN
+    }
+
+
+def _split_line(rows: Sequence[Row]) -> str:
+    """Size and error count of the calibration (val) splits; runs under MIN_VAL_ERRORS."""
+    per_run = {str(r["run"]): r for r in rows if str(r.get("val_n", "")) != ""}
+    if not per_run:
+        return "- Calibration split: not recorded in these results."
+    n = sorted(int(_num(r["val_n"])) for r in per_run.values())
+    err = sorted(int(_num(r["val_errors"])) for r in per_run.values())
+    few = [run for run, r in per_run.items() if int(_num(r["val_errors"])) < MIN_VAL_ERRORS]
+    text = (
+        f"- Calibration split (val, never test): {n[0]}–{n[-1]} images per run holding "
+        f"{err[0]}–{err[-1]} errors (median {err[len(err) // 2]}); "
+    )
+    if few:
+        return text + f"**{len(few)} of {len(per_run)} runs hold < {MIN_VAL_ERRORS} errors**."
+    return text + f"every run holds >= {MIN_VAL_ERRORS}."
+
+
+def _mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values) if values else math.nan
+
+
+def format_sanity(rows: Sequence[Row], reference: str = "ce") -> str:
+    """The sanity checks a reviewer asks first (issue 15), from the result rows.
+
+    Does temperature scaling lower the reference's ECE; is the reference over- or
+    under-confident (OE vs UE, Thulasidasan et al. 2019); do label smoothing and focal loss
+    lower its ECE, as Mukhoti et al. (2020) report for over-confident networks; how large and
+    error-rich the calibration splits are.
+    """
+    lines = ["## Sanity checks", "", _split_line(rows)]
+    ece = _clean_values(rows, reference, "none", "cal/ECE")
+    if not ece:
+        return "\n".join([*lines, f"- No {reference} runs: no reference checks."])
+    oe = _mean(_clean_values(rows, reference, "none", "cal/OE"))
+    ue = _mean(_clean_values(rows, reference, "none", "cal/UE"))
+    regime = "over-confident" if oe > ue else "under-confident"
+    lines.append(
+        f"- {reference} is **{regime}**: OE {100 * oe:.2f}% vs UE {100 * ue:.2f}% "
+        f"(clean test, mean over {len(ece)} seed(s))."
+    )
+    ts = _clean_values(rows, reference, "ts", "cal/ECE")
+    if ts:
+        lowered = sum(1 for k in ts if k in ece and ts[k] < ece[k])
+        ratio = _mean(ece) / _mean(ts) if _mean(ts) > 0 else math.inf
+        lines.append(
+            f"- TS {'lowers' if _mean(ts) < _mean(ece) else 'does not lower'} {reference}'s "
+            f"ECE: {100 * _mean(ece):.2f}% → {100 * _mean(ts):.2f}% ({ratio:.2f}x; lower on "
+            f"{lowered}/{len(ts)} seeds)."
+        )
+    for other in ("ls", "focal"):
+        vals = _clean_values(rows, other, "none", "cal/ECE")
+        if vals:
+            verdict = "lowers" if _mean(vals) < _mean(ece) else "does not lower"
+            lines.append(
+                f"- {other} {verdict} {reference}'s ECE: {100 * _mean(vals):.2f}% vs "
+                f"{100 * _mean(ece):.2f}% (the literature expects lower when {reference} is "
+                "over-confident)."
+            )
+    return "\n".join(lines)
+
+
+_PAIRED_SHOWN = ("cal/ECE", "cal/AdaECE", "cls/Acc", "cls/NLL")
+
+
+def _paired_cell(r: Row) -> str:
+    info = METRIC_INFO[r["metric"]]
+    scale, digits = (100.0, 2) if info.percent else (1.0, 3)
+    m, lo, hi = (float(r[k]) * scale for k in ("mean_diff", "ci_low", "ci_high"))
+    sig = "**" if lo > 0 or hi < 0 else ""
+    text = f"{sig}{m:+.{digits}f}{sig} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+    return f"{text} {r['wins']}/{r['n_seeds']}"
+
+
+def format_paired(paired: Sequence[Row], reference: str) -> str:
+    """Markdown tables of the paired comparison against ``reference`` (one per calibrator)."""
+    parts = [
+        f"## Paired against {reference}",
+        "",
+        f"Cells: mean over seeds of (method − {reference}) on the same test split, 95% "
+        "hierarchical paired bootstrap interval [lo, hi] (seeds, then test samples, resampled "
+        f"with replacement), and wins/seeds (seeds on which the method beats {reference} in "
+        "the metric's direction). **Bold**: the interval excludes 0. Percentage points for %-"
+        "metrics; NLL in nats (from probabilities).",
+    ]
+    cals = list(dict.fromkeys(str(r["calibrator"]) for r in paired))
+    for cal in [c for c in ("none", "ts") if c in cals] or cals[:1]:
+        cells = {(r["method"], r["metric"]): r for r in paired if r["calibrator"] == cal}
+        methods = list(dict.fromkeys(m for m, _ in cells))
+        metrics = [k for k in _PAIRED_SHOWN if any(k == mk for _, mk in cells)]
+        head = ["method", *(f"Δ{METRIC_INFO[k].label}" for k in metrics)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in methods:
+            row = [_paired_cell(cells[(m, k)]) if (m, k) in cells else "" for k in metrics]
+            lines.append("| " + " | ".join([m, *row]) + " |")
+        parts += ["", f"### Calibrator: {cal}", "", *lines]
+    return "\n".join(parts)
+
+
+def format_leaderboard(
+    rows: Sequence[Row],
+    *,
+    n_bins: int = 15,
+    paired: Sequence[Row] = (),
+    reference: str = "ce",
+) -> str:
     """Render ``results.csv`` rows as the markdown leaderboard.
 
     Tables: (1) clean test, no post-hoc calibration, every metric; (2) ECE, (3) NLL and (4) AURC
@@ -304,6 +509,9 @@ def format_leaderboard(rows: Sequence[Row], *, n_bins: int = 15) -> str:
         rows: Result rows (dicts with :data:`ID_COLUMNS` and metric names; values may be
             strings as read from CSV).
         n_bins: Number of bins used, stated in the header.
+        paired: Rows of ``paired.csv``; when given, (6) the paired comparison against
+            ``reference`` per calibrator (none and ts).
+        reference: The reference method of ``paired``.
 
     Returns:
         The markdown text.
@@ -315,10 +523,12 @@ def format_leaderboard(rows: Sequence[Row], *, n_bins: int = 15) -> str:
         raise CSMError("leaderboard: no result rows; evaluate at least one run")
     board = _Board(rows)
     parts = _header(board, n_bins)
-    parts += ["", _clean_table(board)]
+    parts += ["", format_sanity(rows, reference), "", _clean_table(board)]
     for table in _calibrator_tables(board):
         parts += ["", table]
-    shift = _shift_table(board)
-    if shift is not None:
-        parts += ["", shift]
+    for extra in (_bins_table(board), _shift_table(board)):
+        if extra is not None:
+            parts += ["", extra]
+    if paired:
+        parts += ["", format_paired(paired, reference)]
     return "\n".join(parts) + "\n"

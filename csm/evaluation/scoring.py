@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from csm.calibration.calibrators import CALIBRATORS
-from csm.calibration.metrics import compute_all, compute_all_probs, selective_metrics
+from csm.calibration.metrics import compute_all, compute_all_probs, ece, selective_metrics
 from csm.errors import CSMError
 from csm.evaluation.cache import Outputs
-from csm.evaluation.leaderboard import CLEAN
+from csm.evaluation.leaderboard import BIN_COUNTS, BINNED_ECE_PREFIX, CLEAN, MIN_VAL_ERRORS
 from csm.evaluation.outputs import RunInfo, RunOutputs
 
 __all__ = ["apply_calibrator", "fit_calibrators", "score_run"]
@@ -64,9 +64,16 @@ def apply_calibrator(cal: Any, out: Outputs) -> torch.Tensor:
 
 
 def _metrics(
-    cal: Any, out: Outputs, probs: torch.Tensor, n_bins: int, ood: Outputs | None, ood_probs
+    cal: Any,
+    out: Outputs,
+    probs: torch.Tensor,
+    n_bins: int,
+    ood: Outputs | None,
+    ood_probs,
+    with_bins: bool = False,
 ) -> dict[str, float]:
-    """Every metric of one condition under one calibrator (OOD AUROC when ``ood`` is given)."""
+    """Every metric of one condition under one calibrator (OOD AUROC when ``ood`` is given;
+    the binned ECE at each of :data:`BIN_COUNTS` when ``with_bins``)."""
     if cal is None:  # exact NLL from logits
         metrics = compute_all(
             out.logits,
@@ -76,6 +83,9 @@ def _metrics(
         )
     else:
         metrics = compute_all_probs(probs, out.labels, n_bins=n_bins, ood_probs=ood_probs)
+    if ood is not None or with_bins:  # clean test: the binned ECE at every bin count
+        for b in BIN_COUNTS:
+            metrics[f"{BINNED_ECE_PREFIX}{b}"] = ece(probs, out.labels, n_bins=b)
     if hasattr(cal, "uncertainty"):  # an uncertainty head ranks by -u
         correct = probs.argmax(-1) == out.labels
         u = cal.uncertainty(out.logits, out.features)
@@ -97,6 +107,17 @@ def score_run(
             calibrator and condition).
     """
     fitted = fit_calibrators(run, outs.val, cal_names)
+    val_n = int(outs.val.labels.numel())
+    val_errors = int((outs.val.logits.argmax(1) != outs.val.labels).sum())
+    if cal_names and val_errors < MIN_VAL_ERRORS:
+        logger.warning(
+            "run %s: the calibration (val) split holds %d errors in %d images (< %d): the "
+            "post-hoc calibrators are fitted on too few errors to be trusted",
+            run.path,
+            val_errors,
+            val_n,
+            MIN_VAL_ERRORS,
+        )
     rows: list[dict[str, Any]] = []
     clean_probs: dict[str, torch.Tensor] = {}
     for cal_name, cal in fitted.items():
@@ -112,6 +133,7 @@ def score_run(
                     n_bins,
                     outs.ood if here else None,
                     ood_probs if here else None,
+                    with_bins=cond == CLEAN,
                 )
             except CSMError as exc:
                 raise CSMError(f"run {run.path}, {cal_name}, {cond}: {exc}") from None
@@ -123,6 +145,8 @@ def score_run(
                     "corruption": corruption,
                     "severity": severity if corruption else "",
                     "n": int(out.labels.numel()),
+                    "val_n": val_n,
+                    "val_errors": val_errors,
                     **metrics,
                 }
             )

@@ -88,6 +88,10 @@ EMA_NAME = "ema.safetensors"
 __all__ = ["PRESETS", "FitDiffusionConfig", "Preset", "fit_diffusion", "image_grid"]
 
 
+#: Model outputs ``csm fit-diffusion`` trains (diffusers ``prediction_type`` names).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass(frozen=True)
 class Preset:
     """Model size and optimisation defaults of one preset."""
@@ -135,6 +139,14 @@ class FitDiffusionConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
     beta_schedule: str = field(
         default="squaredcos_cap_v2", metadata={"help": "DDPM beta schedule (diffusers name)"}
+    )
+    prediction_type: str = field(
+        default="epsilon",
+        metadata={"help": "what the UNet predicts: epsilon or v_prediction (Salimans & Ho 2022)"},
+    )
+    snr_gamma: float = field(
+        default=0.0,
+        metadata={"help": "min-SNR-gamma loss weighting (Hang et al. 2023; 5 is typical; 0 = off)"},
     )
     hflip: bool | None = field(
         default=None, metadata={"help": "random horizontal flips (default: dataset's allow_hflip)"}
@@ -227,9 +239,19 @@ def _validate(cfg: FitDiffusionConfig, r: dict) -> None:
         raise CSMError(f"--checkpoint-every {cfg.checkpoint_every}: must be >= 1")
     if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise CSMError(f"--mixed-precision {cfg.mixed_precision!r}: choose auto, no, bf16 or fp16")
+    _validate_loss(cfg)
     if cfg.resume and cfg.overwrite:
         raise CSMError("--resume and --overwrite: pick one (continue, or start over)")
     check_output(cfg.out, "generator", overwrite=cfg.overwrite, resume=cfg.resume)
+
+
+def _validate_loss(cfg: FitDiffusionConfig) -> None:
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise CSMError(
+            f"--prediction-type {cfg.prediction_type!r}: choose {' or '.join(PREDICTION_TYPES)}"
+        )
+    if not (math.isfinite(cfg.snr_gamma) and cfg.snr_gamma >= 0):
+        raise CSMError(f"--snr-gamma {cfg.snr_gamma}: must be >= 0 (0 = off; 5 is typical)")
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -373,7 +395,11 @@ def _records(
         "num_train_timesteps": preset.num_train_timesteps,
     }
     keys = ("dataset_spec", "class_names", "image_shape", "preset", "seed", "steps", "batch_size")
-    return record, {key: record[key] for key in keys}
+    identity = {key: record[key] for key in keys}
+    for key, default in (("prediction_type", "epsilon"), ("snr_gamma", 0.0)):
+        if record[key] != default:  # absent from the identity of checkpoints written before
+            identity[key] = record[key]
+    return record, identity
 
 
 def _setup(cfg: FitDiffusionConfig) -> _Run:
@@ -403,7 +429,7 @@ def _setup(cfg: FitDiffusionConfig) -> _Run:
     noise_sched = DDPMScheduler(
         num_train_timesteps=preset.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
-        prediction_type="epsilon",
+        prediction_type=cfg.prediction_type,
         clip_sample=False,
     )
     optimizer = torch.optim.AdamW(unet.parameters(), lr=r["lr"], weight_decay=cfg.weight_decay)
@@ -550,6 +576,52 @@ def _noisy_batch(run: _Run, step: int) -> tuple[torch.Tensor, ...]:
     return tuple(v.to(acc.device) for v in (xt, y, t, noise))
 
 
+def diffusion_loss(
+    sched: DDPMScheduler,
+    pred: torch.Tensor,
+    xt: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    snr_gamma: float = 0.0,
+) -> torch.Tensor:
+    """The denoising loss of one batch, for the scheduler's ``prediction_type``.
+
+    ``epsilon``: ``||eps_hat - eps||^2`` (Ho et al. 2020); ``v_prediction``: ``||v_hat - v||^2``
+    with ``v = sqrt(a) eps - sqrt(1 - a) x0`` (Salimans & Ho 2022; diffusers' ``get_velocity``).
+    With ``snr_gamma > 0`` each sample's loss is weighted by ``min(SNR_t, gamma) / SNR_t`` for
+    epsilon and ``min(SNR_t, gamma) / (SNR_t + 1)`` for v (min-SNR-gamma, Hang et al. 2023,
+    arXiv 2303.09556; the weights of diffusers' training examples, SNR from
+    ``diffusers.training_utils.compute_snr``), which stops the many nearly noise-free
+    timesteps from dominating the gradient and speeds up convergence.
+
+    Args:
+        sched: The training noise scheduler.
+        pred: (B, C, H, W) model output.
+        xt: (B, C, H, W) noisy images.
+        noise: (B, C, H, W) the noise added.
+        t: (B,) timesteps.
+        snr_gamma: gamma of min-SNR weighting (0: plain mean).
+
+    Returns:
+        The scalar loss (float32).
+    """
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    else:  # v_prediction: x0 recovered from xt and the noise
+        a = sched.alphas_cumprod.to(xt.device)[t].float().view(-1, 1, 1, 1)
+        x0 = (xt.float() - (1 - a).sqrt() * noise.float()) / a.sqrt()
+        target = sched.get_velocity(x0, noise.float(), t)
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma <= 0:
+        return per.mean()
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(sched, t)
+    w = snr.clamp(max=snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
+    return (per * w).mean()
+
+
 def _train_step(run: _Run, step: int) -> float:
     """One optimizer step (DDP-synchronised) and one EMA update; returns the all-rank mean loss."""
     acc = run.accelerator
@@ -557,7 +629,7 @@ def _train_step(run: _Run, step: int) -> float:
     lr = float(run.optimizer.param_groups[0]["lr"])
     with acc.autocast():
         pred = run.unet(xt, t, class_labels=y).sample
-    loss = F.mse_loss(pred.float(), noise.float())
+    loss = diffusion_loss(run.noise_sched, pred, xt, noise, t, run.cfg.snr_gamma)
     acc.backward(loss)
     if run.cfg.grad_clip > 0:
         acc.clip_grad_norm_(run.unet.parameters(), run.cfg.grad_clip)

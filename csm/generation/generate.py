@@ -10,6 +10,13 @@ Groups are written in shards of ``--groups-per-shard`` groups by
 parameters): resuming after a kill (``--resume``) or splitting the shards across processes
 (``accelerate launch -m csm generate``, shard ``i`` goes to process ``i mod P``) gives exactly the
 dataset of one uninterrupted run.
+
+``--lambda-schedule targeted --pilot DIR[:NAME]`` replaces the uniform grid by per-pair ratios
+fitted on an annotated pilot dataset of the same generator (:mod:`csm.generation.schedule`), so
+that the annotated confidences spread evenly over [0, 1]. The fitted table and the pilot's
+fingerprint are part of the generation info (manifest, card, run identity): ``--resume`` with
+another pilot is refused, and ``--from-card`` rebuilds a targeted dataset from its card alone.
+The default ``uniform`` writes exactly what csm wrote before the option existed.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +34,9 @@ from tqdm.auto import tqdm
 from csm.errors import CSMError
 from csm.synthetic import SyntheticWriter, to_uint8
 from csm.utils import check_output
+
+if TYPE_CHECKING:
+    from csm.generation.schedule import LambdaSchedule, Pilot
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +60,27 @@ class GenerateConfig:
     batch_size: int = field(default=64, metadata={"help": "images per pipeline call"})
     scheduler: str = field(default="ddim", metadata={"help": "ddim, dpm++, euler or heun"})
     mix_mode: str = field(default="embedding", metadata={"help": "embedding (CSM) or eps"})
+    lambda_schedule: str = field(
+        default="uniform",
+        metadata={
+            "help": "uniform (lambda = 0, 1/(G-1), ..., 1) or targeted (per-pair lambdas fitted on "
+            "--pilot so that annotated confidences spread evenly over [0, 1])"
+        },
+    )
+    pilot: str = field(
+        default="",
+        metadata={
+            "help": "targeted: DIR[:NAME], a synthetic dataset of the same --model annotated by "
+            "csm annotate (NAME: which annotation; default the active one)"
+        },
+    )
+    pilot_strict: bool = field(
+        default=False,
+        metadata={
+            "help": "targeted: refuse a pair the pilot cannot target (missing or flat curve) "
+            "instead of keeping the uniform grid for it"
+        },
+    )
     groups_per_shard: int = field(default=32, metadata={"help": "groups per shard file"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing dataset"})
@@ -93,7 +124,9 @@ def generation_info(cfg: GenerateConfig, pipe: Any, model_ref: str) -> dict[str,
 
     Provenance holds no local path: ``model`` is the Hub id, or the folder's name plus
     ``model_sha256`` (:func:`csm.generation.card.generator_sha256`), so that
-    ``csm generate --from-card`` can check it is given the same generator.
+    ``csm generate --from-card`` can check it is given the same generator. A targeted run adds
+    ``lambda_schedule`` (:meth:`csm.generation.schedule.LambdaSchedule.to_record`) to it; the
+    uniform grid adds nothing, so its info is what csm recorded before targeted schedules.
     """
     from csm.generation.card import generator_sha256
     from csm.synthetic.card import is_hub_id
@@ -131,18 +164,30 @@ def apply_card(cfg: GenerateConfig) -> GenerateConfig:
 
     The card's options and seeds (:func:`csm.synthetic.card.generation_options_from_card`)
     replace the command line's; ``--model`` defaults to the card's generator when that is a Hub
-    id, and a local ``--model`` must have the sha256 the card records.
+    id, and a local ``--model`` must have the sha256 the card records. A card of a targeted run
+    sets ``--lambda-schedule targeted``; its recorded table is used (no pilot needed).
 
     Raises:
-        CSMError: No generator to use, or ``--model`` is not the card's generator.
+        CSMError: No generator to use, ``--model`` is not the card's generator, or ``--pilot``
+            is given (the card records the fitted schedule).
     """
     from dataclasses import replace
 
     from csm.generation.card import generator_sha256
-    from csm.synthetic.card import GENERATION_OPTIONS, generation_options_from_card, is_hub_id
+    from csm.synthetic.card import (
+        GENERATION_OPTIONS,
+        generation_options_from_card,
+        is_hub_id,
+        lambda_schedule_from_card,
+    )
 
     if not cfg.from_card:
         return cfg
+    if cfg.pilot:
+        raise CSMError(
+            f"--pilot {cfg.pilot}: not used with --from-card (the card records the fitted λ "
+            "schedule); drop --pilot"
+        )
     opts = generation_options_from_card(cfg.from_card)
     model = cfg.model or (opts["model"] if is_hub_id(opts["model"]) else "")
     if not model:
@@ -158,6 +203,8 @@ def apply_card(cfg: GenerateConfig) -> GenerateConfig:
                 f"{opts['model']!r} ({opts['model_sha256'][:12]}...); pass --model with that folder"
             )
     values = {k: opts[k] for k in GENERATION_OPTIONS}
+    targeted = lambda_schedule_from_card(cfg.from_card) is not None
+    values["lambda_schedule"] = "targeted" if targeted else "uniform"
     if opts.get("groups_per_shard"):
         values["groups_per_shard"] = opts["groups_per_shard"]
     lic = cfg.license or (opts.get("license") if opts.get("license") != "unknown" else None)
@@ -185,6 +232,7 @@ def _check(cfg: GenerateConfig) -> None:
         raise CSMError(f"mix_mode={cfg.mix_mode!r}: choose one of {list(MIX_MODES)}")
     if cfg.seed < 0:
         raise CSMError(f"seed={cfg.seed}: must be >= 0")
+    _check_schedule(cfg)
     if not math.isfinite(cfg.guidance) or cfg.guidance < 0:
         raise CSMError(
             f"--guidance {cfg.guidance}: must be a finite number >= 0 (1 = no guidance), e.g. 2"
@@ -202,14 +250,106 @@ def _check(cfg: GenerateConfig) -> None:
     check_output(cfg.out, "synthetic", overwrite=cfg.overwrite, resume=cfg.resume)
 
 
+def _check_schedule(cfg: GenerateConfig) -> None:
+    from csm.generation.schedule import SCHEDULES
+
+    if cfg.lambda_schedule not in SCHEDULES:
+        raise CSMError(
+            f"--lambda-schedule {cfg.lambda_schedule!r}: choose one of {', '.join(SCHEDULES)}"
+        )
+    if cfg.lambda_schedule == "targeted" and not cfg.pilot and not cfg.from_card:
+        raise CSMError(
+            "--pilot: missing; --lambda-schedule targeted needs --pilot DIR[:NAME], a synthetic "
+            "dataset of the same --model annotated by `csm annotate`"
+        )
+    if cfg.lambda_schedule == "uniform" and cfg.pilot:
+        raise CSMError(
+            f"--pilot {cfg.pilot}: only used by --lambda-schedule targeted; add "
+            "--lambda-schedule targeted or drop --pilot"
+        )
+
+
+def image_shape(pipe: Any) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of the images a pixel-space pipeline makes (``None``: a latent model)."""
+    if pipe.backbone != "unet":
+        return None
+    size = pipe.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(pipe.unet.config.in_channels), int(h), int(w)
+
+
+def resolve_schedule(
+    cfg: GenerateConfig, pipe: Any, info: dict[str, Any], pilot: Pilot | None
+) -> LambdaSchedule | None:
+    """The run's targeted λ schedule (``None``: the uniform grid).
+
+    From the ``--from-card`` card's record, or fitted on ``pilot`` after checking that it comes
+    from this generator (:func:`csm.generation.schedule.check_pilot`).
+
+    Raises:
+        CSMError: A pilot of another generator, a pair it cannot target under
+            ``--pilot-strict``, or an invalid recorded schedule.
+    """
+    from csm.generation.schedule import check_pilot, fit_schedule, schedule_from_record
+    from csm.synthetic.card import lambda_schedule_from_card
+
+    if cfg.lambda_schedule != "targeted":
+        return None
+    names = list(pipe.class_names)
+    if pilot is None:
+        record = lambda_schedule_from_card(cfg.from_card)
+        where = f"--from-card {cfg.from_card}"
+        return schedule_from_record(record, len(names), cfg.group_size, where)
+    check_pilot(pilot, names, image_shape(pipe), info)
+    return fit_schedule(pilot, cfg.groups, cfg.group_size, strict=cfg.pilot_strict)
+
+
+def _check_resume_schedule(cfg: GenerateConfig, info: dict[str, Any]) -> None:
+    """Name the λ schedule when ``--resume`` would continue a run made with another one."""
+    from csm.synthetic import MANIFEST_NAME, read_manifest
+
+    if not cfg.resume or not (Path(cfg.out) / MANIFEST_NAME).is_file():
+        return
+    old = (read_manifest(cfg.out)["params"].get("info") or {}).get("lambda_schedule")
+    new = info.get("lambda_schedule")
+    if old == new:
+        return
+    if old is None or new is None:
+        was = "the uniform grid" if old is None else "--lambda-schedule targeted"
+        raise CSMError(
+            f"--lambda-schedule {cfg.lambda_schedule}: the run being resumed in {cfg.out} used "
+            f"{was}; rerun with its schedule or write to a new --out directory"
+        )
+    pilot = old.get("pilot") or {}
+    if pilot.get("sha256") != (new.get("pilot") or {}).get("sha256"):
+        raise CSMError(
+            f"--pilot {cfg.pilot}: differs from the pilot of the run being resumed in {cfg.out} "
+            f"({pilot.get('name')}:{pilot.get('annotation')}, sha256 "
+            f"{str(pilot.get('sha256'))[:12]}...); pass that pilot or write to a new --out"
+        )
+    raise CSMError(
+        f"--pilot {cfg.pilot}: gives another λ schedule than the run being resumed in {cfg.out} "
+        "(other --groups, --group-size or --pilot-strict); rerun with its options"
+    )
+
+
 def generate_shard(
-    pipe: Any, writer: SyntheticWriter, index: int, cfg: GenerateConfig, bar: tqdm | None = None
+    pipe: Any,
+    writer: SyntheticWriter,
+    index: int,
+    cfg: GenerateConfig,
+    bar: tqdm | None = None,
+    schedule: LambdaSchedule | None = None,
 ) -> None:
-    """Generate and write shard ``index`` (its groups, in order, ``batch_size`` rows per call)."""
+    """Generate and write shard ``index`` (its groups, in order, ``batch_size`` rows per call).
+
+    ``schedule``: the run's targeted λ schedule (``None``: the uniform grid).
+    """
     from csm.generation.mixing import group_plan
 
     k = len(writer.class_names)
-    plans = [group_plan(g, k, cfg.seed, cfg.group_size) for g in writer.shard_groups(index)]
+    g_size = cfg.group_size
+    plans = [group_plan(g, k, cfg.seed, g_size, schedule) for g in writer.shard_groups(index)]
     a = np.array([p.class_a for p in plans for _ in p.lams], dtype=np.int64)
     b = np.array([p.class_b for p in plans for _ in p.lams], dtype=np.int64)
     lam = np.array([x for p in plans for x in p.lams], dtype=np.float64)
@@ -247,6 +387,7 @@ def _open_writer(cfg: GenerateConfig, state: Any, shard_args: tuple) -> Syntheti
     writer = None
     if state.is_main_process:
         try:
+            _check_resume_schedule(cfg, shard_args[2])
             writer = SyntheticWriter(*shard_args, resume=cfg.resume, overwrite=cfg.overwrite)
             save_config(cfg, Path(cfg.out) / ".csm", name="generate_config.yaml")
         except CSMError as exc:
@@ -270,10 +411,13 @@ def generate(cfg: GenerateConfig) -> str:
     the main process finalises the dataset once every process is done.
     """
     from csm.generation.pipeline import CSMMixingPipeline
+    from csm.generation.schedule import read_pilot
     from csm.utils import distributed_state, resolve_device
 
     cfg = apply_card(cfg)
     _check(cfg)
+    use_pilot = cfg.lambda_schedule == "targeted" and cfg.pilot
+    pilot = read_pilot(cfg.pilot) if use_pilot else None  # its errors come before loading --model
     state = distributed_state()
     rank, world = state.process_index, state.num_processes
     path = Path(cfg.model)
@@ -291,6 +435,9 @@ def generate(cfg: GenerateConfig) -> str:
     pipe.to(state.device if world > 1 else resolve_device(cfg.device))
     pipe.set_progress_bar_config(disable=True)
     info = generation_info(cfg, pipe, model_ref)
+    schedule = resolve_schedule(cfg, pipe, info, pilot)
+    if schedule is not None:
+        info["lambda_schedule"] = schedule.to_record()
     shard_args = (cfg.out, pipe.class_names, info, cfg.groups_per_shard, cfg.groups)
     writer = _open_writer(cfg, state, shard_args)
     mine = [i for i in writer.pending_shards() if i % world == rank]
@@ -304,9 +451,10 @@ def generate(cfg: GenerateConfig) -> str:
         disable=not state.is_local_main_process,
     ) as bar:
         for index in mine:
-            generate_shard(pipe, writer, index, cfg, bar)
+            generate_shard(pipe, writer, index, cfg, bar, schedule)
     state.wait_for_everyone()
     if state.is_main_process:
         writer.finalize()
     n = cfg.groups * cfg.group_size
-    return f"wrote {n} images ({cfg.groups} groups x {cfg.group_size}) to {cfg.out}"
+    how = "" if schedule is None else ", targeted λ schedule"
+    return f"wrote {n} images ({cfg.groups} groups x {cfg.group_size}{how}) to {cfg.out}"

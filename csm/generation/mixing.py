@@ -8,6 +8,9 @@ the paper uses ``G = 8``). Group ``k`` uses the unordered pair ``(a, b)``, ``a <
 range of groups can be generated on its own: resuming a job or splitting it across processes
 yields exactly the images of one uninterrupted run.
 
+The ratios of a group may instead come from a targeted schedule fitted on a pilot dataset
+(:mod:`csm.generation.schedule`): still ``G`` values from 0 to 1, one tuple per pair.
+
 λ is always the weight of ``class_a``: λ = 1 is pure class ``a``, λ = 0 pure class ``b``.
 
 :func:`lambdas` and :func:`mixing_weights` are defined in :mod:`csm.generation.pipeline` (the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +34,9 @@ from csm.errors import CSMError
 
 # the mixing math lives in the self-contained pipeline file (it is saved next to every model)
 from csm.generation.pipeline import lambdas, mixing_weights
+
+if TYPE_CHECKING:
+    from csm.generation.schedule import LambdaSchedule
 
 __all__ = [
     "MixGroup",
@@ -135,15 +142,36 @@ class MixGroup:
     lams: tuple[float, ...]
 
 
-def group_plan(k: int, num_classes: int, base_seed: int, group_size: int = 8) -> MixGroup:
-    """The pair, seed and ratios of group ``k`` (see module docstring)."""
+def group_plan(
+    k: int,
+    num_classes: int,
+    base_seed: int,
+    group_size: int = 8,
+    schedule: LambdaSchedule | None = None,
+) -> MixGroup:
+    """The pair, seed and ratios of group ``k`` (see module docstring).
+
+    Args:
+        k: Group index.
+        num_classes: ``K``.
+        base_seed: Job seed.
+        group_size: ``G``.
+        schedule: A targeted λ schedule (:mod:`csm.generation.schedule`): the group takes its
+            pair's ratios from it; ``None``: the uniform grid :func:`lambdas`.
+    """
     a, b = pair_for_group(k, num_classes)
+    lams = tuple(lambdas(group_size)) if schedule is None else schedule.lams(a, b)
+    if len(lams) != group_size:
+        raise CSMError(
+            f"λ schedule: {len(lams)} ratios for pair ({a}, {b}), group_size={group_size}; "
+            "fit the schedule for this --group-size"
+        )
     return MixGroup(
         group_id=int(k),
         seed=seed_for_group(k, base_seed),
         class_a=a,
         class_b=b,
-        lams=tuple(lambdas(group_size)),
+        lams=lams,
     )
 
 

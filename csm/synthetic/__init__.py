@@ -11,6 +11,7 @@ Modules: :mod:`~csm.synthetic.schema` (columns, features, constants), :mod:`~csm
 
 from csm.synthetic.card import render_card, write_dataset_metadata
 from csm.synthetic.reader import (
+    SyntheticImages,
     SyntheticTensors,
     iter_shards,
     load_synthetic,
@@ -32,6 +33,7 @@ __all__ = [
     "LABEL_COLUMNS",
     "LAMBDA_NAME",
     "MANIFEST_NAME",
+    "SyntheticImages",
     "SyntheticTensors",
     "SyntheticWriter",
     "activate",

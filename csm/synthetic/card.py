@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -273,14 +274,17 @@ def annotation_text(manifest: dict[str, Any]) -> str:
             "`soft[b] = 1 - lam`) and `lam_hat` is NaN. Run `csm annotate` to reannotate."
         )
     else:
-        ann_rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(ann.items()))
+        ann_rows = "\n".join(
+            f"| {k} | `{json.dumps(_without_pairs(v) if k == 'label_fit' else v)}` |"
+            for k, v in sorted(ann.items())
+        )
         text = (
             "Calibrated reannotation (Luo et al. 2025, section 2): class prototypes are the mean "
             "encoder feature of the real training images of each class; `lam_hat` is the scalar "
             "projection of an image's feature on the segment from prototype b to prototype a; "
             "`soft[a] = sigmoid(s * (lam_hat - 0.5))` (mode `projection`) or the judge "
             "classifier's probabilities restricted to {a, b} and renormalised (mode `judge`).\n\n"
-            "| parameter | value |\n|---|---|\n" + ann_rows
+            "| parameter | value |\n|---|---|\n" + ann_rows + label_mode_text(ann)
         )
     active = ann.get("name") if ann else LAMBDA_NAME
     rows = [
@@ -288,9 +292,15 @@ def annotation_text(manifest: dict[str, Any]) -> str:
     ]
     for name, var in sorted((manifest.get("annotations") or {}).items()):
         squash = "" if var.get("squash") is None else f"`{var['squash']}`"
+        mode = var["mode"]
+        if var.get("label_mode"):  # a label mode fitted on real val images
+            mode += f", {var['label_mode']}"
+            fit = var.get("label_fit") or {}
+            per_pair = "fitted per pair"
+            squash = f"`T = {fit['temperature']:.4g}`" if "temperature" in fit else per_pair
         mark = " yes" if name == active else ""
         encoder = public_ref(var["encoder"])
-        rows.append(f"| `{name}` | {var['mode']} | `{encoder}` | {squash} |{mark} |")
+        rows.append(f"| `{name}` | {mode} | `{encoder}` | {squash} |{mark} |")
     return (
         text + "\n\n### Available annotations\n\nLabel-only data over the same images, under "
         "`annotations/<name>/`; the active one is also in the main shards (what "
@@ -298,6 +308,58 @@ def annotation_text(manifest: dict[str, Any]) -> str:
         "`csm train --synthetic <dir>:<name>`; switch the active one with "
         "`csm annotate <dir> --name <name> --activate`.\n\n"
         "| name | mode | encoder | squash | active |\n|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
+def _without_pairs(fit: Any) -> Any:
+    """A label fit without its per-pair table (shown apart, and complete in the manifest)."""
+    if not isinstance(fit, dict) or "pairs" not in fit:
+        return fit
+    return {**{k: v for k, v in fit.items() if k != "pairs"}, "num_pairs": len(fit["pairs"])}
+
+
+def label_mode_text(ann: dict[str, Any], show: int = 10) -> str:
+    """The card's paragraph on a label mode fitted on real images (``""`` for the squash).
+
+    Says how ``soft[a]`` was made, on which real split and how many images (docs/labels.md);
+    for ``pair-fit`` the first ``show`` pairs' ``(s, t)`` (all of them are in the manifest's
+    ``annotations[NAME].label_fit.pairs`` and the dataset info).
+    """
+    mode, fit = ann.get("label_mode"), ann.get("label_fit") or {}
+    if not mode:
+        return ""
+    where = (
+        f"the {ann.get('real_val_size')} images of the real dataset's val split "
+        f"(`{ann.get('real_dataset')}`, split seed {ann.get('real_seed')})"
+    )
+    if mode == "judge":
+        guard = fit.get("guard_fallback")
+        return (
+            f"\n\n**Labels: `--label-mode judge`.** `soft[a] = P(a | x, {{a, b}}) = "
+            f"sigmoid((z_a - z_b) / T)` of the {fit.get('judge')} judge (`lam_hat` stays "
+            f"uncalibrated); T = {fit.get('temperature'):.4g} fitted by temperature scaling "
+            f"(Guo et al. 2017, NLL) on {where}"
+            + (f"; the guard kept T = 1: {guard}." if guard else ".")
+        )
+    prior = fit.get("prior") or {}
+    pairs = fit.get("pairs") or {}
+    rows = []
+    for key, p in list(pairs.items())[:show]:
+        note = f"paper's squash: {p['fallback']}" if p.get("fallback") else ""
+        pair = key.replace("|", "` / `")
+        rows.append(
+            f"| `{pair}` | {p['s']:.4g} | {p['t']:.4g} | {p['n_val_a']} / {p['n_val_b']} | {note} |"
+        )
+    more = len(pairs) - len(rows)
+    return (
+        "\n\n**Labels: `--label-mode pair-fit`.** `soft[a] = sigmoid(s_ab * (lam_hat - t_ab))` "
+        f"per pair, fitted on {where} by a logistic fit of 1[y = a] on `lam_hat` (Platt 1999), "
+        f"MAP under a Gaussian prior centred on the paper's s = {prior.get('s')}, t = "
+        f"{prior.get('t')} (sd {prior.get('sd')}); {fit.get('num_fallback')} of {len(pairs)} "
+        "pairs kept the paper's squash.\n\n"
+        "| pair (a / b) | s | t | real val images a / b | note |\n|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + (f"\n\n({more} more pairs in `csm_synthetic.json`.)" if more > 0 else "")
     )
 
 
@@ -387,7 +449,10 @@ def _card_body(manifest: dict[str, Any], num_rows: int) -> str:
     gen = public_generation(params["info"])
     names = params["class_names"]
     pretty = _pretty_name(params["info"])
-    gen_rows = "\n".join(f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(gen.items()))
+    gen_rows = "\n".join(
+        f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(gen.items()) if k != "lambda_schedule"
+    )
+    schedule = schedule_text(gen.get("lambda_schedule"), names)
     ann_text = annotation_text(manifest)
     body = f"""
 # {pretty}
@@ -405,7 +470,7 @@ order, to the real dataset's.
 
 Groups of `group_size` images share one initial noise (one seed) at λ = 0, 1/(G−1), …, 1; the
 class condition is λ·E[a] + (1−λ)·E[b]. Class pairs walk all unordered pairs a < b in order,
-cycling; the pair and seed of group k are a pure function of (k, base seed).
+cycling; the pair and seed of group k are a pure function of (k, base seed).{schedule}
 
 | parameter | value |
 |---|---|
@@ -451,6 +516,58 @@ Load with `datasets.load_dataset("<this folder or repo>")` or, with csm,
 ```
 """
     return body
+
+
+def schedule_text(record: dict[str, Any] | None, names: list[str], show: int = 10) -> str:
+    """The card's paragraph on a targeted λ schedule (``""`` for the uniform grid).
+
+    The whole table is in the YAML ``csm.generation.lambda_schedule`` block; the text shows the
+    pilot and the first ``show`` pairs.
+    """
+    if not record:
+        return ""
+    pilot = record.get("pilot") or {}
+    pred = record.get("predicted_ks") or {}
+    rows = []
+    for key, lam in list((record.get("pairs") or {}).items())[:show]:
+        a, b = (int(v) for v in key.split("-"))
+        lo, hi = (record.get("range") or {}).get(key, [None, None])
+        fit = "uniform (fallback)" if key in (record.get("fallback") or {}) else f"{lo} .. {hi}"
+        rows.append(f"| `{names[a]}` / `{names[b]}` | `{json.dumps(lam)}` | {fit} |")
+    more = len(record.get("pairs") or {}) - len(rows)
+    predicted = (
+        f" The pilot's curves predict a KS distance of soft[a] to U(0, 1) of "
+        f"{pred.get('uniform')} on the uniform grid and {pred.get('targeted')} with this schedule."
+        if pred
+        else ""
+    )
+    text = (
+        "**λ schedule: targeted.** Instead of the uniform grid, each pair's G ratios sit at "
+        "the inverse of the monotone (isotonic) curve λ → soft[a] fitted on the annotated pilot "
+        f"dataset `{pilot.get('name')}` (annotation `{pilot.get('annotation')}`, sha256 "
+        f"`{pilot.get('sha256')}`), at targets evenly spaced over the curve's range, so the "
+        "annotated confidences spread evenly; the ends stay λ = 0 and 1. "
+        f"{len(record.get('fallback') or {})} pairs keep the uniform grid.{predicted} The whole "
+        "table is in the YAML `csm.generation.lambda_schedule` block."
+    )
+    return (
+        "\n\n"
+        + textwrap.fill(text, width=100, break_on_hyphens=False, break_long_words=False)
+        + "\n\n| pair (a / b) | λ | fitted soft[a] range |\n|---|---|---|\n"
+        + "\n".join(rows)
+        + (f"\n\n({more} more pairs in the YAML block.)" if more > 0 else "")
+    )
+
+
+def lambda_schedule_from_card(card_path_or_repo: str | Path) -> dict[str, Any] | None:
+    """The targeted λ schedule a card records (``None``: the uniform grid).
+
+    Raises:
+        CSMError: The card cannot be read.
+    """
+    card = _load_card(card_path_or_repo)
+    record = card.data.to_dict().get(CARD_KEY) or {}
+    return (record.get("generation") or {}).get("lambda_schedule") or None
 
 
 def _load_card(card_path_or_repo: str | Path) -> DatasetCard:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,55 @@ def read_verified_table(path: Path, record: dict[str, Any]) -> pa.Table:
         return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
     except pa.ArrowInvalid as exc:
         raise CSMError(f"{path}: the file is corrupt ({exc}); regenerate it") from None
+
+
+def map_verified_table(path: Path, record: dict[str, Any]) -> tuple[pa.Table, pa.Table]:
+    """Read a recorded Arrow file once, checking its sha256, and memory-map the same file.
+
+    The lazy counterpart of :func:`read_verified_table`. The file is opened with
+    ``pyarrow.memory_map``; through that map's own descriptor its bytes are read once
+    (``os.pread``), their sha256 is checked against the record and a table is parsed from them, as
+    :func:`read_verified_table` does. The same file is also parsed zero-copy from the map, so what
+    is verified is the very file mapped. Take the small columns from the read table (then drop
+    it: it holds the whole file) and the large ones from the mapped table, whose pages stay on
+    disk (in the page cache, shared by every process that maps the file) until a row is read. csm
+    never rewrites a recorded file in place (every write is a new file renamed over the old), so
+    the mapped bytes stay the verified ones.
+
+    Returns:
+        ``(read, mapped)``: the table of the bytes read, and the memory-mapped table.
+
+    Raises:
+        CSMError: The file is missing, truncated, altered (even at the same size) or unreadable.
+    """
+    try:
+        source = pa.memory_map(str(path), "r")
+    except OSError as exc:
+        raise CSMError(
+            f"{path}: the file is missing or unreadable ({exc}); regenerate it (`csm generate "
+            "--resume` for an image shard, `csm annotate` for labels)"
+        ) from None
+    with source:
+        fd, parts, offset = source.fileno(), [], 0
+        size = os.fstat(fd).st_size
+        while size == record["bytes"] and offset < size:
+            if not (part := os.pread(fd, min(size - offset, 1 << 30), offset)):
+                break
+            parts.append(part)  # (one part unless the file is over 1 GiB)
+            offset += len(part)
+        data = b"".join(parts)
+        if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise CSMError(
+                f"{path}: its content differs from what was written (sha256 or size changed); "
+                "regenerate it (`csm generate --resume` after deleting its record under "
+                ".csm/shards for an image shard, `csm annotate` again for labels)"
+            )
+        try:
+            read = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+            mapped = pa.ipc.open_stream(source).read_all()  # zero-copy: outlives the close
+        except pa.ArrowInvalid as exc:
+            raise CSMError(f"{path}: the file is corrupt ({exc}); regenerate it") from None
+    return read, mapped
 
 
 def shard_name(index: int, num_shards: int) -> str:
@@ -217,17 +268,33 @@ def check_dataset(
     return manifest, records
 
 
-def decode_images(table: pa.Table, where: str) -> np.ndarray:
-    """Decode the ``image`` column of a shard table to uint8 (N, C, H, W)."""
+def decode_images(
+    table: pa.Table, where: str, alloc: Callable[[tuple[int, ...]], np.ndarray] | None = None
+) -> np.ndarray:
+    """Decode the ``image`` column of a shard table to uint8 (N, C, H, W).
+
+    Args:
+        table: The shard's table.
+        where: The shard's name in error messages.
+        alloc: ``alloc(shape)`` returns the uint8 array of that shape the images are decoded
+            straight into (e.g. a view of shared memory), instead of one stacked at the end.
+
+    Raises:
+        CSMError: An image does not decode, or the images differ in shape.
+    """
     blobs = table.column("image").combine_chunks().field("bytes").to_pylist()
-    arrays = []
+    out: np.ndarray | None = None
     for i, blob in enumerate(blobs):
         try:
-            arrays.append(png_to_array(blob))
+            array = png_to_array(blob)
         except Exception as exc:  # PIL raises many types for corrupt data
             group = table.column("group_id")[i].as_py()
             raise undecodable_error(f"{where} row {i} (group {group})", exc) from exc
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise CSMError(f"{where}: images of different shapes {sorted(shapes)}; regenerate the data")
-    return np.stack(arrays) if arrays else np.zeros((0, 1, 1, 1), dtype=np.uint8)
+        if out is None:
+            shape = (len(blobs), *array.shape)
+            out = alloc(shape) if alloc is not None else np.empty(shape, dtype=np.uint8)
+        elif array.shape != out.shape[1:]:
+            shapes = sorted({out.shape[1:], array.shape})
+            raise CSMError(f"{where}: images of different shapes {shapes}; regenerate the data")
+        out[i] = array
+    return out if out is not None else np.zeros((0, 1, 1, 1), dtype=np.uint8)

@@ -18,6 +18,11 @@ MEMBER_ORDERS = ("reannotated", "generation")
 """How a synthetic group's members are ordered: by the reannotated soft label (the CSM reference
 code's, default) or by the generation ratio λ (:class:`csm.training.sampler.SyntheticSampler`)."""
 
+SYN_READERS = ("lazy", "eager")
+"""How the trainer reads synthetic images: ``lazy`` keeps them in the memory-mapped shards and
+decodes the rows of each batch (memory flat in the dataset's size, default); ``eager`` decodes
+them all into memory up front (:func:`csm.synthetic.load_synthetic_tensors`). Same batches."""
+
 __all__ = [
     "METHOD_PARAMS",
     "TrainConfig",
@@ -102,6 +107,13 @@ class _TrainOptions:
             "code's) or generation (lambda)"
         },
     )
+    syn_reader: str = field(
+        default="lazy",
+        metadata={
+            "help": "synthetic images: lazy (decode each batch's rows from the memory-mapped "
+            "shards; memory flat in the dataset size) or eager (decode all into memory first)"
+        },
+    )
     checkpoint_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
     max_steps: int | None = field(
         default=None, metadata={"help": "stop after this many steps in total (smoke tests)"}
@@ -150,6 +162,12 @@ def validate_config(cfg: Any) -> None:
             "--syn-member-order",
             cfg.syn_member_order,
             f"use one of {', '.join(MEMBER_ORDERS)}",
+        ),
+        (
+            cfg.syn_reader in SYN_READERS,
+            "--syn-reader",
+            cfg.syn_reader,
+            f"use one of {', '.join(SYN_READERS)}",
         ),
         (cfg.eval_batch_size >= 1, "--eval-batch-size", cfg.eval_batch_size, "give at least 1"),
         (cfg.optimizer in ("sgd", "adamw"), "--optimizer", cfg.optimizer, "use sgd or adamw"),

@@ -216,10 +216,19 @@ def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-NOT_IDENTITY = ("out", "resume", "overwrite", "max_steps", "checkpoint_every", "eval_batch_size")
+NOT_IDENTITY = (
+    "out",
+    "resume",
+    "overwrite",
+    "max_steps",
+    "checkpoint_every",
+    "eval_batch_size",
+    "syn_reader",
+)
 """TrainConfig options that do not change what a run trains (where it lives, whether it resumes,
-when it stops or checkpoints, the evaluation batch). Every other option is the run's identity:
-``--resume`` and ``csm benchmark`` refuse a run folder that differs in any of them."""
+when it stops or checkpoints, the evaluation batch, how synthetic images are read). Every other
+option is the run's identity: ``--resume`` and ``csm benchmark`` refuse a run folder that differs
+in any of them."""
 
 
 def identity_diffs(old: Any, new: Any) -> list[str]:

@@ -14,6 +14,7 @@ __all__ = [
     "check_synthetic_matches",
     "load_synthetic_for",
     "member_rank",
+    "take_images",
 ]
 
 
@@ -150,12 +151,45 @@ class SyntheticSampler:
         return torch.cat(out)
 
 
-def load_synthetic_for(cfg: TrainConfig, real: Any) -> tuple[Any, SyntheticSampler]:
+def take_images(images: Any, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The uint8 synthetic images ``indices`` (in that order), on ``device``.
+
+    Args:
+        images: A decoded uint8 ``(N, C, H, W)`` tensor (indexed where it lives) or a
+            :class:`csm.synthetic.SyntheticImages` (only these rows are read and decoded).
+        indices: ``(n,)`` rows of the synthetic dataset (any device).
+        device: Where the batch goes.
+    """
+    if isinstance(images, torch.Tensor):
+        return images[indices.to(images.device)].to(device)
+    return images[indices.cpu()].to(device)
+
+
+def load_synthetic_for(
+    cfg: TrainConfig, real: Any, *, lazy: bool = True
+) -> tuple[Any, SyntheticSampler]:
+    """Read ``cfg.synthetic`` for training on ``real`` and build its :class:`SyntheticSampler`.
+
+    Args:
+        cfg: The run's configuration (``synthetic`` and the ``syn_*`` options).
+        real: The real dataset (class names, image shape, number of classes).
+        lazy: Keep the images in the memory-mapped shards and decode only the rows a batch
+            takes (:class:`csm.synthetic.SyntheticImages`); False decodes them all up front.
+            The metadata the sampler needs (groups, λ, pairs, soft labels) is in memory either
+            way, and the batches are the same bytes.
+
+    Returns:
+        The :class:`csm.synthetic.SyntheticTensors` and the sampler over it.
+
+    Raises:
+        CSMError: A bad ``DIR`` or unknown ``NAME`` (naming --synthetic and listing the names),
+            classes or image shape that differ from the real dataset's, or groups the sampler
+            cannot draw from.
+    """
     from csm.synthetic import load_synthetic_tensors
 
-    # DIR (the active annotation) or DIR:NAME (a named annotation over the same images); a bad
-    # DIR or an unknown NAME is one CSMError naming --synthetic and listing the names
-    syn = load_synthetic_tensors(cfg.synthetic, option="--synthetic")
+    # DIR (the active annotation) or DIR:NAME (a named annotation over the same images)
+    syn = load_synthetic_tensors(cfg.synthetic, option="--synthetic", lazy=lazy)
     check_synthetic_matches(syn, real.class_names, real.image_shape, cfg.synthetic)
     # cfg.syn_member_order is one of config.MEMBER_ORDERS (validate_config checked it)
     reannotated = cfg.syn_member_order == "reannotated"

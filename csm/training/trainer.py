@@ -33,7 +33,11 @@ method.compute_loss(model, batch, state)``); the loop owns everything else:
   ``accelerate launch --multi_gpu --num_processes P -m csm train ...``; on a CPU-only machine the
   same command starts P gloo processes. (``accelerate launch --cpu --num_processes P`` starts
   only ONE process: accelerate's simple launcher ignores ``num_processes`` on CPU without MPI.)
-  The whole training split lives on the device as uint8 (CIFAR-10: 150 MB).
+  The whole real training split lives on the device as uint8 (CIFAR-10: 150 MB). Synthetic
+  images stay in the dataset's memory-mapped Arrow shards (``syn_reader="lazy"``, the default):
+  the sampler's metadata is in memory and each process reads and decodes only its own rows of
+  each batch, so memory does not grow with the synthetic set; ``syn_reader="eager"`` decodes
+  every image into memory (on the device) first. Both give the same batches, byte for byte.
 
 CSM batches (Luo et al., ICML 2025, section 3 of ``csm-method.md``): for each real image of class
 ``y`` the sampler draws ``syn_groups`` synthetic groups whose pair contains ``y`` and takes from
@@ -97,13 +101,13 @@ from csm.training.runs import (
     write_json,
     write_metrics_csv,
 )
-from csm.training.sampler import load_synthetic_for
+from csm.training.sampler import load_synthetic_for, take_images
 from csm.training.sharding import augment_rows, loss_share, synthetic_rows
 from csm.utils import distributed_state, process_rows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StepModule", "build_augment", "train", "train_command", "training_step"]
+__all__ = ["CPUHeapReuse", "StepModule", "build_augment", "train", "train_command", "training_step"]
 
 
 class StepModule(nn.Module):
@@ -161,7 +165,7 @@ class _Run:
     train_labels: torch.Tensor
     syn: Any = None
     sampler: Any = None
-    syn_images: torch.Tensor | None = None
+    syn_images: Any = None  # uint8 tensor on the device, or SyntheticImages (lazy)
     syn_soft: torch.Tensor | None = None
 
     @property
@@ -260,6 +264,69 @@ def training_step(
     return loss.detach()
 
 
+class CPUHeapReuse:
+    """Context manager: large CPU tensors come from glibc's reused heap, not fresh ``mmap`` pages.
+
+    glibc serves every block of 32 MiB or more (its largest ``mmap`` threshold) with a new
+    ``mmap`` and unmaps it when freed, so the kernel zero-fills such a tensor page by page (one
+    minor fault per 4 KiB) on every step again; PyTorch keeps no CPU cache. The cost grows with
+    the batch: in ``bench/training.py`` (small CNN, 3x32x32) CE at batch 128 (16 MiB activations)
+    has no faults, CSM's 256-image synthetic forward (32 MiB activations) ~180 per image, 12% of
+    its step (``bench/RESULTS.md``, "Training"). Inside the block ``mallopt(M_MMAP_MAX, 0)`` puts
+    large blocks on the heap and ``M_TRIM_THRESHOLD`` (2 GiB - 1) keeps freed memory there for
+    the next step; on exit glibc's documented defaults (65536, 128 KiB) come back and
+    ``malloc_trim(0)`` returns the free memory. Only where memory comes from changes, never a
+    number; resident memory stays near the step's peak inside the block (fragmentation can add
+    to it). :func:`train` enters it on the CPU.
+
+    A no-op (``active`` False) when ``enabled`` is False, where the C library is not glibc, when
+    the environment sets ``CSM_CPU_HEAP_REUSE=0`` or tunes glibc's allocator itself
+    (``GLIBC_TUNABLES`` with ``malloc``, ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``), and
+    inside another active block.
+    """
+
+    ENV = "CSM_CPU_HEAP_REUSE"
+    _depth = 0  # active blocks in this process (only the outermost one sets and restores)
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.active = False
+        self._libc: Any = None
+
+    @classmethod
+    def _glibc(cls) -> Any:
+        import ctypes
+        import os
+        import platform
+
+        env = os.environ
+        user_tuned = "malloc" in env.get("GLIBC_TUNABLES", "") or any(
+            k in env for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+        )
+        if env.get(cls.ENV, "1") == "0" or user_tuned or platform.libc_ver()[0] != "glibc":
+            return None
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+    def __enter__(self) -> CPUHeapReuse:
+        if self.enabled and CPUHeapReuse._depth == 0:
+            self._libc = self._glibc()
+        if self._libc is not None:  # M_MMAP_MAX = -4, M_TRIM_THRESHOLD = -1 (malloc.h)
+            self.active = bool(self._libc.mallopt(-4, 0)) and bool(
+                self._libc.mallopt(-1, 2**31 - 1)
+            )
+        CPUHeapReuse._depth += self.active
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self._libc.mallopt(-4, 65536)
+            self._libc.mallopt(-1, 128 * 1024)
+            self._libc.malloc_trim(0)
+            CPUHeapReuse._depth -= 1
+            self.active = False
+
+
 def _check_finite(loss_sum: torch.Tensor, cfg: TrainConfig, epoch: int, step: int) -> None:
     if not bool(torch.isfinite(loss_sum)):
         raise CSMError(
@@ -327,6 +394,14 @@ def _model(cfg: TrainConfig, spec: dict[str, Any], world: int, device: torch.dev
     return model
 
 
+def _synthetic_images(syn: Any, device: torch.device) -> Any:
+    """Where the trainer takes synthetic images from: the decoded tensor moved to ``device``, or
+    the lazy :class:`csm.synthetic.SyntheticImages` as is (rows decoded per batch)."""
+    if syn is None:
+        return None
+    return syn.images.to(device) if isinstance(syn.images, torch.Tensor) else syn.images
+
+
 def _setup(cfg: TrainConfig) -> tuple[_Run, _Loop, int]:
     """Build data, model, method, accelerator and optimisers; resume if asked.
 
@@ -346,7 +421,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, _Loop, int]:
     )
     syn = sampler = None
     if cfg.synthetic is not None and method.needs_synthetic:
-        syn, sampler = load_synthetic_for(cfg, real)
+        syn, sampler = load_synthetic_for(cfg, real, lazy=cfg.syn_reader == "lazy")
     elif cfg.synthetic is not None:
         logger.warning(
             "--synthetic %s: ignored, method %s does not train on synthetic data",
@@ -380,7 +455,7 @@ def _setup(cfg: TrainConfig) -> tuple[_Run, _Loop, int]:
         real.train.labels.to(device),
         syn,
         sampler,
-        syn.images.to(device) if syn is not None else None,
+        _synthetic_images(syn, device),
         syn.soft_labels.to(device) if syn is not None else None,
     )
     loop, start = _Loop(), 0
@@ -435,8 +510,8 @@ def _local_batch(
     if run.sampler is not None:
         sidx = run.sampler.sample(y, g_syn)
         srows = synthetic_rows(int(sidx.numel()), n, acc.process_index, acc.num_processes)
+        syn_raw = take_images(run.syn_images, sidx[srows], run.device)  # this rank's rows only
         local = sidx[srows].to(run.device)
-        syn_raw = run.syn_images[local]
         syn_x = (
             augment_rows(run.augment, syn_raw, int(sidx.numel()), srows, g_aug).float().div_(255)
         )
@@ -623,7 +698,8 @@ def train(cfg: TrainConfig) -> Path:
     created = not Path(cfg.out).is_dir() or not any(Path(cfg.out).iterdir())
     run, loop, start = _setup(cfg)
     try:
-        _train_loop(run, loop, start)
+        with CPUHeapReuse(run.device.type == "cpu"):  # no per-step page faults (see the class)
+            _train_loop(run, loop, start)
     except Exception:
         if run.accelerator.is_main_process and start == 0:
             discard_failed_run(run.out, created)  # e.g. diverged: a retry starts clean

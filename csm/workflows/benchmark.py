@@ -55,11 +55,24 @@ class BenchmarkConfig:
     seeds: int = field(default=3, metadata={"help": "number of seeds per method (0..N-1)"})
     out: str = field(default="benchmark", metadata={"help": "output directory"})
     synthetic: str | None = field(
-        default=None, metadata={"help": "synthetic dataset folder (needed by csm)"}
+        default=None,
+        metadata={
+            "help": "synthetic dataset DIR[:NAME] (needed by csm); with per-seed splits, one per "
+            "data seed: a template such as syn-{data_seed}:s4"
+        },
     )
-    model: str = field(default="cnn", metadata={"help": "architecture for every run"})
+    model: str | None = field(
+        default=None,
+        metadata={"help": "architecture for every run (default: --train-config's model, else cnn)"},
+    )
     epochs: int | None = field(default=None, metadata={"help": "epochs (default: csm train's)"})
-    data_seed: int = field(default=0, metadata={"help": "seed of the shared train/val/test split"})
+    data_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "seed of one train/val/test split shared by every run (default: each seed "
+            "draws its own split, data_seed = seed)"
+        },
+    )
     train_config: str | None = field(
         default=None, metadata={"help": "YAML of csm train options applied to every run"}
     )
@@ -133,20 +146,30 @@ def train_config_for(cfg: BenchmarkConfig, method: str, seed: int) -> Any:
                 if fixed in ("dataset", "out", "data_seed")
                 else f"--train-options {fixed}: set by the benchmark itself; remove it"
             )
+    data_seed = seed if cfg.data_seed is None else cfg.data_seed
+    needs = getattr(METHODS[method], "needs_synthetic", False)
     overrides.update(
         dataset=cfg.dataset,
         method=method,
         seed=seed,
-        data_seed=cfg.data_seed,
+        data_seed=data_seed,
         out=str(run_dir_for(cfg, method, seed)),
-        model=cfg.model,
         # only methods that train on synthetic data record it (the others never read it)
-        synthetic=cfg.synthetic if getattr(METHODS[method], "needs_synthetic", False) else None,
+        synthetic=synthetic_for(cfg, data_seed) if needs else None,
     )
+    if cfg.model is not None:
+        overrides["model"] = cfg.model
     if cfg.epochs is not None:
         overrides["epochs"] = cfg.epochs
     # one set of options for many methods: each run keeps only the options its method accepts
     return only_method_options(resolve_config(TrainConfig, cfg.train_config, overrides))
+
+
+def synthetic_for(cfg: BenchmarkConfig, data_seed: int) -> str | None:
+    """The ``--synthetic`` spec of the runs on split ``data_seed`` (``{data_seed}`` filled in)."""
+    if cfg.synthetic is None:
+        return None
+    return cfg.synthetic.replace("{data_seed}", str(data_seed))
 
 
 def run_dir_for(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
@@ -192,7 +215,9 @@ def _write_manifest(cfg: BenchmarkConfig, entries: list[dict[str, Any]]) -> None
     atomic_write_text(Path(cfg.out) / "benchmark.json", json.dumps(data, indent=2) + "\n")
 
 
-def _evaluate_config(cfg: BenchmarkConfig, runs: list[str]) -> Any:
+def evaluate_config_for(cfg: BenchmarkConfig, runs: list[str]) -> Any:
+    """The :class:`~csm.evaluation.evaluate.EvaluateConfig` the benchmark evaluates ``runs``
+    with (its calibrators, corruptions, bins and device)."""
     from csm.evaluation.evaluate import EvaluateConfig
 
     return EvaluateConfig(
@@ -208,17 +233,37 @@ def _evaluate_config(cfg: BenchmarkConfig, runs: list[str]) -> Any:
     )
 
 
-def _check_synthetic(cfg: BenchmarkConfig) -> None:
-    """A ``--synthetic`` dataset the methods train on must be a finished csm dataset."""
-    from csm.synthetic import check_dataset, parse_spec
+def _check_synthetic(cfg: BenchmarkConfig, methods: list[str]) -> None:
+    """Every ``--synthetic`` dataset the methods train on must be a finished csm dataset, and
+    must not come from a generator that saw another split's test images.
 
-    if cfg.synthetic is None:
+    A generator is trained on one split's training images; with per-seed splits (no
+    ``--data-seed``) one shared synthetic dataset would give the runs of every other seed images
+    derived from their own test images, so a template with ``{data_seed}`` is required.
+    """
+    from csm.synthetic import check_dataset, parse_spec
+    from csm.training.methods import METHODS
+
+    if cfg.synthetic is None or not any(
+        getattr(METHODS[m], "needs_synthetic", False) for m in methods
+    ):
         return
-    folder, _ = parse_spec(cfg.synthetic)
-    try:
-        check_dataset(folder)
-    except CSMError as exc:
-        raise CSMError(f"--synthetic {cfg.synthetic}: {exc}") from None
+    per_seed = cfg.data_seed is None
+    if per_seed and cfg.seeds > 1 and "{data_seed}" not in cfg.synthetic:
+        raise CSMError(
+            f"--synthetic {cfg.synthetic}: one dataset for every seed, but each seed draws its "
+            "own train/val/test split, so its generator saw other seeds' test images; pass one "
+            "dataset per split as a template (e.g. --synthetic 'syn-{data_seed}:s4') or share "
+            "one split with --data-seed 0"
+        )
+    data_seeds = range(cfg.seeds) if per_seed else [cfg.data_seed]
+    for d in data_seeds:
+        spec = synthetic_for(cfg, d)
+        folder, _ = parse_spec(spec)
+        try:
+            check_dataset(folder)
+        except CSMError as exc:
+            raise CSMError(f"--synthetic {spec}: {exc}") from None
 
 
 def benchmark(cfg: BenchmarkConfig) -> str:
@@ -248,9 +293,9 @@ def benchmark(cfg: BenchmarkConfig) -> str:
     tcfgs = {job: train_config_for(cfg, *job) for job in jobs}  # validate every option first
     for tcfg in tcfgs.values():
         validate_config(tcfg)
-    ecfg = _evaluate_config(cfg, [str(t.out) for t in tcfgs.values()])
+    ecfg = evaluate_config_for(cfg, [str(t.out) for t in tcfgs.values()])
     check_evaluate_options(ecfg)
-    _check_synthetic(cfg)
+    _check_synthetic(cfg, methods)
     from csm.training.runs import real_data_for
 
     real_data_for(next(iter(tcfgs.values())))  # the dataset loads (cached for the runs)

@@ -141,6 +141,8 @@ def _benchmark_config(cfg: DemoConfig, synthetic: Path):
         methods=list(cfg.methods),
         seeds=cfg.seeds,
         out=str(Path(cfg.out) / "benchmark"),
+        # one generator (trained on split 0) serves every seed, so the runs share split 0
+        data_seed=0,
         synthetic=str(synthetic),
         epochs=cfg.epochs,
         train_options=list(DEMO_TRAIN_OPTIONS),

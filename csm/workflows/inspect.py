@@ -4,8 +4,9 @@ A judge classifier (``--judge classifier:RUN``, :mod:`csm.annotation.encoders`) 
 groups, either generated here from a ``csm fit-diffusion`` MODEL folder (a small seeded synthetic
 dataset written by :func:`csm.generation.generate.generate` into ``OUT/samples``: every class
 pair ``--groups-per-pair`` times, ``--group-size`` images per group at ``λ = 0, 1/(G-1), ..., 1``)
-or read from a ``csm generate`` DATASET folder (:func:`csm.synthetic.load_synthetic_tensors`).
-Definitions (all in ``inspect.json``):
+or read from a ``csm generate`` DATASET folder (``DIR``, or ``DIR:NAME`` for one of its named
+annotations; :func:`csm.synthetic.load_synthetic_tensors`). Definitions (all in
+``inspect.json``):
 
 * **Pure-class samples** are the group ends: λ = 1 is class a, λ = 0 is class b (the condition is
   exactly one class embedding). **Recognition** of class c is the share of its pure samples the
@@ -20,14 +21,24 @@ Definitions (all in ``inspect.json``):
 * An image is **flipped** when the judge's dominant class of the pair (``soft >= 0.5``: a) differs
   from the one λ says (``λ > 0.5``: a); images at λ = 0.5 exactly have no dominant class and are
   left out. The **flipped share** is the share of flipped images among the others.
+* **Spread** (``spread``): how evenly the confidences cover [0, 1]
+  (:func:`csm.generation.schedule.confidence_spread`): the histogram of soft[a] and its
+  Kolmogorov-Smirnov distance to U(0, 1) over all images, over the group interiors (the ends are
+  λ = 0 and 1 in every schedule) and per λ-rank (an image's position in its group by λ), for the
+  dataset's own annotated soft labels (``spread.annotated``; a dataset not yet annotated has
+  soft[a] = λ) and for the judge's (``spread.judge``). ``spread.lambda_schedule`` says whether
+  the λ grid was uniform or targeted (``csm generate --lambda-schedule targeted``), so the
+  reports of a uniform-grid and a targeted dataset compare directly.
 * **Diversity** of class c: the mean pairwise distance between its pure generated samples, in
   pixels (RMS over pixels in [0, 1]) and in judge features (L2), next to the same for as many real
   train images of c (drawn with ``--seed``); a ratio well below 1 means mode collapse.
 
 Pictures: ``real_vs_generated.png`` (per class: real images | generated pure samples),
 ``lambda_sweeps.png`` (one group per pair, λ and judge soft label under every image),
-``lambda_curves.png``, ``recognition.png`` and ``diversity.png``. The output folder carries the
-ownership marker of ``csm inspect`` and is written only when new, empty or owned by it.
+``lambda_curves.png``, ``recognition.png``, ``diversity.png`` and ``confidence_spread.png``
+(histograms of the annotated and the judge soft[a], stacked by λ-rank, against U(0, 1)). The
+output folder carries the ownership marker of ``csm inspect`` and is written only when new, empty
+or owned by it.
 """
 
 from __future__ import annotations
@@ -55,8 +66,9 @@ PICTURES = (
     "lambda_curves.png",
     "recognition.png",
     "diversity.png",
+    "confidence_spread.png",
 )
-__all__ = ["PICTURES", "REPORT_NAME", "InspectConfig", "inspect", "inspect_report"]
+__all__ = ["PICTURES", "REPORT_NAME", "InspectConfig", "inspect", "inspect_report", "spread_report"]
 
 
 @dataclass
@@ -93,13 +105,34 @@ class InspectConfig:
 
 
 # ------------------------------------------------------------------------------------ checks
+def _dataset_dir(source: str) -> Path:
+    """The folder of a DATASET source ``DIR`` or ``DIR:NAME``."""
+    from csm.synthetic import parse_spec
+
+    return parse_spec(source)[0].expanduser()
+
+
+def _check_annotation(source: str) -> None:
+    """Refuse a ``DIR:NAME`` whose annotation ``NAME`` the dataset does not have."""
+    from csm.synthetic import annotation_names, parse_spec, read_manifest
+
+    folder, name = parse_spec(source)
+    names = annotation_names(read_manifest(folder.expanduser()))
+    if name is not None and name not in names:
+        raise CSMError(
+            f"MODEL_OR_DATASET {source}: no annotation named {name!r}; available: "
+            f"{', '.join(names)}"
+        )
+
+
 def _source_kind(source: str) -> str:
     from csm.synthetic import MANIFEST_NAME
 
     path = Path(source).expanduser()
     if (path / "model_index.json").is_file():
         return "model"
-    if (path / MANIFEST_NAME).is_file():
+    if (_dataset_dir(source) / MANIFEST_NAME).is_file():
+        _check_annotation(source)
         return "dataset"
     raise CSMError(
         f"MODEL_OR_DATASET {source}: neither a generator folder (model_index.json, from csm "
@@ -155,9 +188,10 @@ def _provenance(cfg: InspectConfig, kind: str) -> tuple[list[str], str | None, i
     from csm.synthetic import check_dataset, read_manifest, read_table
     from csm.synthetic.storage import decode_images
 
-    manifest = read_manifest(cfg.source)
-    _, records = check_dataset(cfg.source)
-    first = Path(cfg.source) / records[0]["file"]
+    folder = _dataset_dir(cfg.source)
+    manifest = read_manifest(folder)
+    _, records = check_dataset(folder)
+    first = folder / records[0]["file"]
     side = decode_images(read_table(first).slice(0, 1), str(first)).shape[-1]
     names = list(manifest["params"]["class_names"])
     return names, (manifest["params"].get("info") or {}).get("dataset"), int(side)
@@ -280,6 +314,34 @@ def _diversity(
             row[f"{kind}_ratio"] = g / r if g is not None and r else None
         out[real.class_names[c]] = row
     return out
+
+
+def spread_report(syn: Any, judge_soft: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
+    """The confidence spread of a dataset's annotated and judge soft labels of class a.
+
+    Args:
+        syn: :class:`csm.synthetic.SyntheticTensors` (its ``soft_labels`` are the annotation's).
+        judge_soft: (N,) the judge's soft label of class a.
+        info: The dataset's generation info (``lambda_schedule`` when targeted).
+
+    Returns:
+        ``{"annotation", "lambda_schedule", "pilot", "annotated", "judge"}``: the last two are
+        :func:`csm.generation.schedule.confidence_spread` reports.
+    """
+    from csm.generation.schedule import confidence_spread
+
+    rows = torch.arange(len(syn.lam))
+    annotated = syn.soft_labels[rows, syn.class_a].double().numpy()
+    gid, lam = syn.group_id.numpy(), syn.lam.double().numpy()
+    schedule = info.get("lambda_schedule") or {}
+    pilot = schedule.get("pilot") or {}
+    return {
+        "annotation": syn.annotation,
+        "lambda_schedule": schedule.get("mode", "uniform"),
+        "pilot": f"{pilot.get('name')}:{pilot.get('annotation')}" if pilot else None,
+        "annotated": confidence_spread(annotated, gid, lam),
+        "judge": confidence_spread(judge_soft, gid, lam),
+    }
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -445,6 +507,45 @@ def _grid_figures(
     save_figure(fig, out / "lambda_curves.png")
 
 
+def _spread_figure(rep: dict[str, Any], syn: Any, soft: np.ndarray, out: Path) -> None:
+    """confidence_spread.png: annotated and judge soft[a], stacked by λ-rank, against U(0, 1)."""
+    import matplotlib.pyplot as plt
+
+    from csm.evaluation.plots import save_figure
+    from csm.generation.schedule import lambda_ranks
+
+    spread = rep["spread"]
+    rows = torch.arange(len(syn.lam))
+    values = {
+        "annotated": syn.soft_labels[rows, syn.class_a].double().numpy(),
+        "judge": soft,
+    }
+    ranks = lambda_ranks(syn.group_id.numpy(), syn.lam.double().numpy())
+    edges = np.asarray(spread["annotated"]["histogram"]["edges"])
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.4), sharey=True)
+    cmap = plt.get_cmap("viridis")
+    top = max(1, int(ranks.max()))
+    for ax, (key, x) in zip(axes, values.items()):
+        parts = [np.clip(x[ranks == r], 0, 1) for r in np.unique(ranks)]
+        colors = [cmap(r / top) for r in np.unique(ranks)]
+        labels = [f"rank {r}" for r in np.unique(ranks)]
+        ax.hist(parts, bins=edges, stacked=True, density=True, color=colors, label=labels)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label="U(0, 1)")
+        what = f"annotated ({spread['annotation']})" if key == "annotated" else "judge"
+        ax.set_title(f"{what} soft[a]: KS to U(0,1) = {spread[key]['ks']:.3f}", fontsize=9)
+        ax.set_xlabel("soft label of class a")
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("density")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.suptitle(
+        f"{rep['source']['name']}: confidence spread, λ schedule {spread['lambda_schedule']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    save_figure(fig, out / "confidence_spread.png")
+
+
 # ------------------------------------------------------------------------------------ command
 def _summary(rep: dict[str, Any], out: Path) -> str:
     rec = ", ".join(
@@ -459,7 +560,9 @@ def _summary(rep: dict[str, Any], out: Path) -> str:
         f"real test {fmt(rep['real_test_recognition_mean'])}); monotone groups "
         f"{100 * rep['monotone_share']:.1f}% (tolerance {rep['tolerance']}); flipped "
         f"{100 * rep['flipped_share']:.1f}%; diversity generated/real pixel {fmt(div['pixel'])}, "
-        f"feature {fmt(div['feature'])}"
+        f"feature {fmt(div['feature'])}; spread ({rep['spread']['lambda_schedule']} λ): KS of "
+        f"soft[a] to U(0,1) {rep['spread']['annotated']['ks']:.3f} annotated "
+        f"({rep['spread']['annotation']}), {rep['spread']['judge']['ks']:.3f} judge"
     )
 
 
@@ -470,19 +573,22 @@ def inspect(cfg: InspectConfig) -> str:
         CSMError: A bad option, a source that is neither a generator nor a synthetic dataset, a
             judge that is not a classifier or whose classes differ, or an output folder in the way.
     """
-    from csm.synthetic import load_synthetic_tensors
+    from csm.synthetic import load_synthetic_tensors, read_manifest
     from csm.synthetic.storage import write_json_atomic
 
     _check_options(cfg)
     kind = _source_kind(cfg.source)
-    out = Path(cfg.out or f"inspect-{Path(cfg.source).resolve().name}")
+    name = (Path(cfg.source) if kind == "model" else _dataset_dir(cfg.source)).resolve().name
+    out = Path(cfg.out or f"inspect-{name}")
     _check_out(out, cfg.overwrite)
     judge, real = _inputs(cfg, kind)
     claim_output(out, KIND, overwrite=cfg.overwrite)  # every input is valid: only now write
-    dataset = _generate(cfg, out, real.num_classes) if kind == "model" else Path(cfg.source)
-    syn = load_synthetic_tensors(dataset)
+    dataset = _generate(cfg, out, real.num_classes) if kind == "model" else cfg.source
+    syn = load_synthetic_tensors(dataset, option="MODEL_OR_DATASET")
     rep, soft = inspect_report(syn, judge, real, cfg)
-    rep["source"] = {"kind": kind, "name": Path(cfg.source).resolve().name}
+    folder = out / SAMPLES_DIR if kind == "model" else _dataset_dir(cfg.source)
+    rep["spread"] = spread_report(syn, soft, read_manifest(folder)["params"].get("info") or {})
+    rep["source"] = {"kind": kind, "name": name}
     rep["judge"] = cfg.judge.split(":", 1)[0] + ":" + Path(cfg.judge.split(":", 1)[1]).name
     rep["real"] = {"dataset": real.spec, "seed": real.seed}
     if kind == "model":
@@ -491,5 +597,6 @@ def inspect(cfg: InspectConfig) -> str:
     title = rep["source"]["name"]
     _grid_figures(rep, syn, soft, real, cfg, out)
     _summary_figures(rep, out, title)
+    _spread_figure(rep, syn, soft, out)
     write_json_atomic(rep, out / REPORT_NAME)
     return _summary(rep, out)

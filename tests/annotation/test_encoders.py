@@ -10,29 +10,12 @@ from PIL import Image
 
 from csm.annotation.encoders import ClassifierEncoder, load_encoder
 from csm.errors import CSMError
-from tests.helpers import make_run
+from tests.helpers import make_run, tiny_clip
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    cfg = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    out = tmp_path_factory.mktemp("clip") / "clip"
-    CLIPVisionModelWithProjection(cfg).save_pretrained(out)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(out)
-    return out
+    return tiny_clip(tmp_path_factory.mktemp("clip") / "clip")
 
 
 def _images(n=5, c=3, s=32, seed=0) -> torch.Tensor:

@@ -187,6 +187,59 @@ def test_adaptive_ece_by_hand():
 
 
 # ---------------------------------------------------------------------------------- classwise
+def _hand_classwise(p: torch.Tensor, y: torch.Tensor, n_bins: int) -> float:
+    """Classwise ECE by loops over classes and bins (module binning: last bin closed)."""
+    n, k = p.shape
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=p.dtype)
+    total = 0.0
+    for j in range(k):
+        col = p[:, j].contiguous()
+        b = torch.bucketize(col, edges[1:-1], right=True)
+        for i in range(n_bins):
+            m = b == i
+            total += abs(float((y[m] == j).double().sum()) - float(col[m].double().sum()))
+    return total / (n * k)
+
+
+@pytest.mark.parametrize("n_bins", [15, 40])
+@pytest.mark.parametrize("case", ["all", "absent", "single"])
+def test_classwise_ece_is_the_same_with_the_ovo_sweep_binning_it(case, n_bins):
+    # with the OvO AUROC, the OvO sweep bins the entries >= e_1 of every class column (exact
+    # fixed-point sums); without it the row pass does: the result must be bit-identical
+    z, y = _data(60, 3000, 7, scale=3.0)
+    z[:40] = 0.0
+    z[:40, 2] = 130.0  # saturated rows: exact 0.0 and 1.0 probabilities
+    if case == "absent":
+        y[y == 3] = 0
+    elif case == "single":
+        y[:] = 5
+    full = M.compute_all(z, y, n_bins=n_bins)
+    part = M.compute_all(z, y, n_bins=n_bins, exclude={"cls/OvO-AUROC"})
+    assert full["cal/ClasswiseECE"] == part["cal/ClasswiseECE"]
+    ref = _hand_classwise(torch.softmax(z, 1), y, n_bins)
+    assert full["cal/ClasswiseECE"] == pytest.approx(ref, abs=1e-12)
+    assert math.isnan(full["cls/OvO-AUROC"]) == (case == "single")
+
+
+def test_bins_without_binary_search_equal_bucketize():
+    g = torch.Generator().manual_seed(61)
+    for dtype in (torch.float32, torch.float64):
+        for n_bins in (1, 2, 3, 7, 15, 16, 17, 100, 1000):
+            edges = torch.linspace(0, 1, n_bins + 1, dtype=dtype)
+            lo, hi = torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype)
+            v = torch.cat(
+                [
+                    torch.rand(20000, generator=g, dtype=dtype),
+                    edges,
+                    torch.nextafter(edges, lo),
+                    torch.nextafter(edges, hi),
+                ]
+            ).clamp(0, 1)
+            ref = torch.bucketize(v, edges[1:-1], right=True)
+            assert torch.equal(torch.from_numpy(M._bin_np(v.numpy(), n_bins)), ref)
+            assert torch.equal(M.bin_indices(v, n_bins), ref)
+
+
 @pytest.mark.parametrize("seed,k", [(10, 5), (11, 12)])
 def test_classwise_ece_matches_torchmetrics_binary(seed, k):
     z, y = _data(seed, 800, k)
@@ -430,6 +483,8 @@ def test_every_single_metric_function_equals_its_compute_all_entry():
         "cls/Brier": M.brier,
         "cal/ECE": M.ece,
         "cal/AdaECE": M.adaptive_ece,
+        "cal/ECE-sweep": M.ece_sweep,
+        "cal/dECE": M.debiased_ece,
         "cal/ClasswiseECE": M.classwise_ece,
         "cal/MCE": M.mce,
         "cal/OE": M.overconfidence_error,
@@ -454,6 +509,44 @@ def test_every_single_metric_function_equals_its_compute_all_entry():
 
 
 # ------------------------------------------------------------------------- OvO AUROC, exact
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk,bits", [(64, 2), (1000, 6), (1 << 14, 18)])
+def test_ovo_table_sweep_equals_sklearn_in_every_regime(monkeypatch, chunk, bits, dtype):
+    # small chunks cut the label runs at many places; few table bits put most samples into
+    # buckets that hold class-a values (the exact sorted subset); logits on a grid tie often
+    monkeypatch.setattr(M, "_OVO_CHUNK", chunk)
+    monkeypatch.setattr(M, "_OVO_TABLE_BITS", bits)
+    g = torch.Generator().manual_seed(62)
+    n, k = 5000, 6
+    z = torch.randint(0, 4, (n, k), generator=g).float() + 0.5 * torch.randn(n, k, generator=g)
+    z[::7] = torch.randint(0, 3, (len(range(0, n, 7)), k), generator=g).float()  # exact ties
+    z[:25] = 0.0
+    z[:25, 1] = 140.0  # saturated: exact 0.0 and 1.0
+    y = torch.randint(0, k, (n,), generator=g)
+    p = torch.softmax(z.to(dtype), 1)
+    ref = roc_auc_score(y.numpy(), p.numpy(), multi_class="ovo", labels=list(range(k)))
+    one = M.compute_all_probs(p, y)["cls/OvO-AUROC"]
+    assert one == pytest.approx(ref, abs=1e-12)
+    assert M.ovo_auroc(p, y) == one
+    stream, other = M.MetricStream(k, from_probs=True), M.MetricStream(k, from_probs=True)
+    stream.update(p[:1700], y[:1700])
+    stream.update(p[1700:2100], y[1700:2100])
+    other.update(p[2100:], y[2100:])
+    assert stream.merge(other).compute()["cls/OvO-AUROC"] == one  # integer arithmetic
+
+
+def test_stream_rejects_batches_of_another_dtype():
+    z, y = _data(63, 50, 3)
+    stream = M.MetricStream(3)
+    stream.update(z[:20], y[:20])
+    with pytest.raises(CSMError, match="dtype torch.float64.*float32"):
+        stream.update(z[20:].double(), y[20:])
+    other = M.MetricStream(3)
+    other.update(z[20:].double(), y[20:])
+    with pytest.raises(CSMError, match="merge"):
+        stream.merge(other)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed,n,k,grid", [(40, 900, 6, 3), (41, 600, 4, 2), (42, 1200, 9, 0)])
 def test_ovo_auroc_equals_sklearn_with_ties(seed, n, k, grid, dtype):

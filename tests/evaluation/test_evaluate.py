@@ -231,6 +231,14 @@ def test_evaluate_writes_everything_and_numbers_match_direct_computation(runs, t
     )
     for k in ("cls/Acc", "cls/NLL", "cal/ECE", "cal/smECE", "sc/AURC"):
         assert float(row[k]) == pytest.approx(clean[k], rel=1e-4, abs=1e-6), k
+    # the bin-count sensitivity columns: the binned ECE at 5 ... 100 bins, clean test only
+    from csm.calibration.metrics import ece
+
+    with torch.no_grad():
+        probs = loaded.model(x).softmax(-1)
+    for b in (5, 25, 100):
+        assert float(row[f"cal/ECE@{b}"]) == pytest.approx(ece(probs, test.labels, b), abs=1e-6)
+    assert float(row["cal/ECE@15"]) == pytest.approx(float(row["cal/ECE"]), abs=1e-6)
     row = next(
         r
         for r in rows
@@ -238,6 +246,28 @@ def test_evaluate_writes_everything_and_numbers_match_direct_computation(runs, t
     )
     assert float(row["cls/Acc"]) == pytest.approx(blurred["cls/Acc"])
     assert row["corruption"] == "blur" and row["severity"] == "3" and row["n"] == "359"
+    # paired against ce: ls seed 0 vs ce seed 0, the difference of the two results.csv values
+    from csm.evaluation.leaderboard import read_paired
+
+    paired = read_paired(out / "paired.csv")
+    assert {(r["method"], r["calibrator"], r["seeds"]) for r in paired} == {
+        ("ls", "none", "0"),
+        ("ls", "ts", "0"),
+    }
+    clean = {
+        (r["method"], r["calibrator"]): r
+        for r in rows
+        if r["condition"] == "clean" and r["seed"] == "0"
+    }
+    for r in paired:
+        want = float(clean[("ls", r["calibrator"])].get(r["metric"])) - float(
+            clean[("ce", r["calibrator"])].get(r["metric"])
+        )
+        tol = 1e-3 if r["metric"] == "cls/NLL" else 1e-5  # NLL from probabilities here
+        assert r["mean_diff"] == pytest.approx(want, abs=tol), r["metric"]
+    board = (out / "leaderboard.md").read_text()
+    assert "## Paired against ce" in board and "Binned ECE vs number of bins" in board
+    assert "## Sanity checks" in board and "145–145 images per run" in board
     # the sharpened (over-confident) runs: temperature scaling fitted on val lowers test ECE
     for run in ("ce0", "ce1"):
         ece = {
@@ -272,7 +302,7 @@ def test_cache_makes_reevaluation_instant_and_is_invalidated_by_new_weights(
         corruptions=["gaussian_noise"],
         severities=[2],
     )
-    first, _ = evaluate_runs(cfg)
+    first = evaluate_runs(cfg).rows
     names = sorted(p.name.split("-")[0] for p in (run / "eval_cache").rglob("*.st"))
     assert names == ["clean", "gaussian_noise@2", "scores", "val"]
 
@@ -284,7 +314,7 @@ def test_cache_makes_reevaluation_instant_and_is_invalidated_by_new_weights(
 
     monkeypatch.setattr(outputs_module, "predict", no_inference)
     monkeypatch.setattr(scoring_module, "fit_calibrators", no_fit)
-    again, _ = evaluate_runs(cfg)
+    again = evaluate_runs(cfg).rows
     assert again == first  # identical, including the seeded noise condition
     # retrain = new weights: the cache must not be used, and the stale entries go away
     from safetensors.torch import load_file
@@ -295,7 +325,7 @@ def test_cache_makes_reevaluation_instant_and_is_invalidated_by_new_weights(
     with pytest.raises(AssertionError, match="cached"):
         evaluate_runs(cfg)
     monkeypatch.undo()
-    changed, _ = evaluate_runs(cfg)
+    changed = evaluate_runs(cfg).rows
     assert changed != first
     assert len(list((run / "eval_cache").iterdir())) == 1
 
@@ -305,7 +335,7 @@ def test_ood_heldout_classes_and_different_class_sets(tmp_path):
     from csm.calibration.metrics import selective_metrics
 
     sub = trained_run(tmp_path, "ce", 5, classes=[0, 1, 2, 3, 4], steps=4)
-    rows, _ = evaluate_runs(
+    rows = evaluate_runs(
         EvaluateConfig(
             runs=[str(sub)],
             out=str(tmp_path / "o"),
@@ -313,7 +343,7 @@ def test_ood_heldout_classes_and_different_class_sets(tmp_path):
             corruptions=["none"],
             ood="heldout",
         )
-    )
+    ).rows
     assert len(rows) == 3 and {r["condition"] for r in rows} == {"clean"}
     assert all(0.0 <= r["ood/AUROC"] <= 1.0 for r in rows)
     assert rows[0]["n"] < 359  # only the run's five classes are scored
@@ -441,8 +471,8 @@ def test_two_processes_split_inference_and_equal_one_process(runs, tmp_path, mon
     # rank 0 wrote the cache; a one-process evaluation reads it (no model, no fit): same rows
     names = sorted(p.name.split("-")[0] for p in (run / "eval_cache").rglob("*.st"))
     assert names == ["clean", "scores", "val"]
-    expected, _ = evaluate_runs(cfg)
+    expected = evaluate_runs(cfg).rows
     monkeypatch.setattr(outputs_module, "predict", lambda *a, **k: pytest.fail("inference"))
     monkeypatch.setattr(scoring_module, "fit_calibrators", lambda *a, **k: pytest.fail("fit"))
-    again, _ = evaluate_runs(EvaluateConfig(**{**vars(cfg), "cache": True}))
+    again = evaluate_runs(EvaluateConfig(**{**vars(cfg), "cache": True})).rows
     assert again == expected

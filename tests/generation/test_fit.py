@@ -115,6 +115,8 @@ def test_existing_model_needs_overwrite(trained):
         ({"label_dropout": 1.0}, "--label-dropout 1.0"),
         ({"steps": 0}, "--steps 0"),
         ({"image_size": 9}, "--image-size 9"),
+        ({"prediction_type": "sample"}, "--prediction-type 'sample'"),
+        ({"snr_gamma": -1.0}, "--snr-gamma -1.0"),
     ],
 )
 def test_bad_options_fail_before_writing(tmp_path, overrides, needle):
@@ -171,3 +173,49 @@ def test_image_grid_layout():
     assert g.shape == (2 * 3 + 1, 2 * 3 + 1, 1)
     assert (g[1:3, 4:6] == 255).all() and (g[1:3, 1:3] == 0).all() and (g[4:6, 1:3] == 0).all()
     assert (g[0] == 255).all()  # padding
+
+
+def test_diffusion_loss_targets_and_min_snr_weights_match_hand_computation():
+    from diffusers import DDPMScheduler
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 1, 6, 6, generator=g)
+    noise = torch.randn(4, 1, 6, 6, generator=g)
+    pred = torch.randn(4, 1, 6, 6, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    eps = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    xt = eps.add_noise(x0, noise, t)
+    assert fd.diffusion_loss(eps, pred, xt, noise, t) == pytest.approx(
+        float(((pred - noise) ** 2).mean()), rel=1e-6
+    )
+    a = eps.alphas_cumprod[t].double()
+    snr = a / (1 - a)
+    per = ((pred - noise) ** 2).mean(dim=(1, 2, 3)).double()
+    want = float((per * snr.clamp(max=5.0) / snr).mean())
+    assert fd.diffusion_loss(eps, pred, xt, noise, t, snr_gamma=5.0) == pytest.approx(
+        want, rel=1e-5
+    )
+    v = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    )
+    target = a.sqrt().view(-1, 1, 1, 1) * noise - (1 - a).sqrt().view(-1, 1, 1, 1) * x0
+    per_v = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    assert fd.diffusion_loss(v, pred, xt, noise, t) == pytest.approx(float(per_v.mean()), rel=1e-4)
+    want_v = float((per_v * snr.clamp(max=5.0) / (snr + 1)).mean())
+    assert fd.diffusion_loss(v, pred, xt, noise, t, snr_gamma=5.0) == pytest.approx(
+        want_v, rel=1e-4
+    )
+
+
+def test_v_prediction_model_saves_its_prediction_type_and_samples(tmp_path):
+    out = fit_diffusion(_cfg(tmp_path / "v", prediction_type="v_prediction", snr_gamma=5.0))
+    pipe = CSMMixingPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    record = json.loads((out / "training_config.json").read_text())
+    assert (record["prediction_type"], record["snr_gamma"]) == ("v_prediction", 5.0)
+    images = pipe(
+        [0, 1],
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+        num_inference_steps=2,
+    ).images
+    assert images.shape[0] == 2 and torch.isfinite(images.float()).all()

@@ -129,6 +129,18 @@ def test_train_config_layers_and_fixed_fields(tmp_path):
     syn_cfg = _cfg(tmp_path, synthetic=str(tmp_path / "syn"))
     assert train_config_for(syn_cfg, "ce", 0).synthetic is None
     assert train_config_for(syn_cfg, "csm", 0).synthetic == str(tmp_path / "syn")
+    # the model comes from --train-config unless --model is given
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: resnet18\n")
+    assert train_config_for(_cfg(tmp_path, train_config=str(recipe)), "ce", 0).model == "resnet18"
+    assert (
+        train_config_for(_cfg(tmp_path, model="cnn", train_config=str(recipe)), "ce", 0).model
+        == "cnn"
+    )
+    # by default every seed draws its own split; a {data_seed} template gives each its dataset
+    assert train_config_for(_cfg(tmp_path), "ce", 3).data_seed == 3
+    per_seed = _cfg(tmp_path, synthetic=str(tmp_path / "syn{data_seed}") + ":s4")
+    assert train_config_for(per_seed, "csm", 3).synthetic == str(tmp_path / "syn3") + ":s4"
     with pytest.raises(CSMError, match="expected key=value"):
         train_config_for(_cfg(tmp_path, train_options=["lr"]), "ce", 0)
     with pytest.raises(CSMError, match="unknown option 'nope'"):
@@ -182,3 +194,16 @@ def test_cli_benchmark(tmp_path, capsys):
     code = main(["benchmark", "--methods", "csm", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("csm: error: --methods csm") and "\n" not in err
+
+
+def test_one_synthetic_dataset_for_per_seed_splits_is_refused_before_any_write(tmp_path):
+    out = tmp_path / "b"
+    cfg = _cfg(out, methods=["csm"], seeds=2, synthetic=str(tmp_path / "syn"))
+    with pytest.raises(CSMError, match="one dataset for every seed.*--data-seed 0"):
+        benchmark(cfg)
+    assert not out.exists()
+    # a template whose datasets do not exist names the first missing one
+    cfg = _cfg(out, methods=["csm"], seeds=2, synthetic=str(tmp_path / "syn{data_seed}"))
+    with pytest.raises(CSMError, match=f"--synthetic {tmp_path / 'syn0'}"):
+        benchmark(cfg)
+    assert not out.exists()
