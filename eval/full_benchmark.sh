@@ -44,8 +44,11 @@ build_synthetic() {
     $( [ -d "$MODEL" ] && echo --resume )
   finished "$SYN_DIR" || csm generate --model "$MODEL" --out "$SYN_DIR" --groups "$NGROUPS" \
     --steps 25 --seed 0 --device cpu $( [ -d "$SYN_DIR" ] && echo --resume )
+  # the encoder trains on the benchmark's split (--data-seed 0): the committed *-5seeds results
+  # predate this and used the split of seed 100, whose training images include test images of
+  # split 0 (csm annotate now warns about that)
   [ -f "$ENCODER/model.safetensors" ] || csm train --config "train/$DATASET.yaml" --seed 100 \
-    --out "$ENCODER" --overwrite
+    --data-seed 0 --out "$ENCODER" --overwrite
   has_annotation "$SYN_DIR" s4 || csm annotate "$SYN_DIR" --real "$DATASET" \
     --encoder "classifier:$ENCODER" --squash 4 --name s4 --device cpu
 }

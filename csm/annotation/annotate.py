@@ -852,6 +852,24 @@ def _finish_interrupted_activation(dataset: str) -> None:
         logger.warning("%s: finished what an interrupted csm annotate left behind", dataset)
 
 
+def _warn_other_split(encoder: Any, cfg: AnnotateConfig) -> None:
+    """Warn when a classifier encoder was trained on another split of the ``--real`` dataset:
+    its training images then include test images of the split the labels are used with."""
+    split = getattr(encoder, "split", None)
+    if split is None or not cfg.real or split[0] != cfg.real or split[1] == cfg.real_seed:
+        return
+    logger.warning(
+        "--encoder %s was trained on the split of data seed %s of %s, but --real-seed is %d: "
+        "its training images include test images of that split; train the encoder with "
+        "--data-seed %d",
+        cfg.encoder,
+        split[1],
+        split[0],
+        cfg.real_seed,
+        cfg.real_seed,
+    )
+
+
 def annotate(cfg: AnnotateConfig) -> str:
     """Run ``csm annotate`` (see module docstring); returns a one-line summary."""
     from csm.data.real import load_real
@@ -888,6 +906,7 @@ def annotate(cfg: AnnotateConfig) -> str:
     elif cfg.mode == "projection":
         raise CSMError("real: missing; projection mode needs --real SPEC for the class prototypes")
     encoder = load_encoder(cfg.encoder, cfg.device)
+    _warn_other_split(encoder, cfg)
     rep = annotate_dataset(
         cfg.dataset,
         encoder,

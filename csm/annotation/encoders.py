@@ -277,6 +277,9 @@ class ClassifierEncoder(ImageEncoder):
             )
         loaded = load_run(run_dir)
         self.model = loaded.model.to(device).eval()
+        cfg = loaded.config
+        #: (dataset spec, data seed) of the split the classifier was trained on
+        self.split = (cfg.dataset, cfg.seed if cfg.data_seed is None else cfg.data_seed)
         self._class_names = list(loaded.class_names)
         meta: dict[str, Any] = {}
         if (run_dir / "model.json").is_file():

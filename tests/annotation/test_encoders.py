@@ -98,3 +98,23 @@ def test_missing_models_are_clear_errors(tmp_path):
         load_encoder(f"classifier:{tmp_path / 'half'}", "cpu")
     with pytest.raises(CSMError, match="device='gpu0'"):
         load_encoder(f"classifier:{tmp_path / 'half'}", "gpu0")
+
+
+def test_classifier_encoder_knows_its_split_and_annotate_warns_on_another(tmp_path, caplog):
+    import csm.annotation.annotate as annotate_module
+    from csm.annotation.annotate import AnnotateConfig
+    from csm.training.config import TrainConfig
+
+    cfg = TrainConfig(dataset="digits", seed=100, out=str(tmp_path / "run"))  # data_seed: seed
+    run = make_run(tmp_path / "run", [str(i) for i in range(10)], cfg=cfg)
+    enc = load_encoder(f"classifier:{run}", "cpu")
+    assert enc.split == ("digits", 100)
+    ann = AnnotateConfig(dataset="syn", real="digits", real_seed=0, encoder=f"classifier:{run}")
+    with caplog.at_level("WARNING"):
+        annotate_module._warn_other_split(enc, ann)
+    assert "trained on the split of data seed 100 of digits, but --real-seed is 0" in caplog.text
+    caplog.clear()
+    same = AnnotateConfig(dataset="syn", real="digits", real_seed=100, encoder=f"classifier:{run}")
+    with caplog.at_level("WARNING"):
+        annotate_module._warn_other_split(enc, same)
+    assert caplog.text == ""

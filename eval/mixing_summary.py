@@ -1,0 +1,117 @@
+"""Summary of ``eval/mixing_ablations.sh``: one row per CSM variant against CE (issue 14, item 5).
+
+usage: python eval/mixing_summary.py digits|mnist5k [--out DIR]
+
+Reads ``OUT/eval-<variant>/results.csv`` and ``paired.csv`` (CE and the variant, the same seeds
+and split) and the two ``inspect-*/inspect.json`` spreads; writes ``OUT/summary.md``. Test split
+only; every setting was fixed before the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from csm.evaluation.leaderboard import read_paired, read_results  # noqa: E402
+
+NOTE = (
+    "Test split, mean ± std over seeds; shifted = mean over 5 corruptions x 3 severities; "
+    "Δ = CSM variant − CE on the same seed and split (percentage points), 95% hierarchical "
+    "paired bootstrap interval, wins/seeds (`csm evaluate` paired.csv)."
+)
+VARIANTS = ("base", "judge-ts", "pair-fit", "targeted", "old-gen")
+METRICS = ("cls/Acc", "cal/ECE", "cal/AdaECE")
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.2f} ± {100 * sd:.2f}"
+
+
+def _cells(rows: list[dict], method: str) -> list[str]:
+    def vals(cal: str, metric: str, clean: bool) -> list[float]:
+        out: dict[str, list[float]] = {}
+        for r in rows:
+            if r["method"] == method and r["calibrator"] == cal and r.get(metric, "") != "":
+                if (r["condition"] == "clean") == clean:
+                    out.setdefault(str(r["run"]), []).append(float(r[metric]))
+        return [statistics.fmean(v) for v in out.values()]  # shifted: mean over conditions
+
+    cells = [_mean_std(vals("none", m, True)) for m in METRICS]
+    cells.append(_mean_std(vals("ts", "cal/ECE", True)))
+    cells.append(_mean_std(vals("none", "cal/ECE", False)))
+    return cells
+
+
+def _paired(paired: list[dict], metric: str) -> str:
+    for r in paired:
+        if r["calibrator"] == "none" and r["metric"] == metric:
+            m, lo, hi = (100 * r[k] for k in ("mean_diff", "ci_low", "ci_high"))
+            return f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}] {r['wins']}/{r['n_seeds']}"
+    return "—"
+
+
+def summarize(out: Path) -> str:
+    head = (
+        "| variant | Acc % | ECE % | AdaECE % | ECE % + TS | shifted ECE % | ΔECE vs CE "
+        "| ΔAdaECE vs CE |"
+    )
+    lines = [head, "|---|" + "---:|" * 7]
+    ce_done = False
+    for v in VARIANTS:
+        folder = out / f"eval-{v}"
+        if not (folder / "results.csv").is_file():
+            continue
+        rows = read_results(folder / "results.csv")
+        paired = read_paired(folder / "paired.csv") if (folder / "paired.csv").is_file() else []
+        if not ce_done:
+            lines.append("| ce | " + " | ".join(_cells(rows, "ce")) + " | | |")
+            ce_done = True
+        deltas = [_paired(paired, "cal/ECE"), _paired(paired, "cal/AdaECE")]
+        lines.append(f"| csm {v} | " + " | ".join(_cells(rows, "csm") + deltas) + " |")
+    spread = []
+    for name in ("syn", "syn-targeted"):
+        path = out / f"inspect-{name}" / "inspect.json"
+        if path.is_file():
+            rep = json.loads(path.read_text()).get("spread", {})
+            ks = rep.get("annotated", {}).get("ks")
+            spread.append(f"- {name}: KS distance of soft[a] to U(0, 1) = {ks}")
+    return (
+        "\n".join(
+            [
+                f"# Mixing ablations ({out.name})",
+                "",
+                NOTE,
+                "",
+                *lines,
+                "",
+                "Confidence spread (csm inspect):",
+                *spread,
+            ]
+        )
+        + "\n"
+    )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dataset", choices=["digits", "mnist5k"])
+    ap.add_argument("--out", default=None, help="ablation folder (default: eval/results/...)")
+    args = ap.parse_args()
+    out = Path(args.out or f"eval/results/{args.dataset}-mixing-ablations")
+    text = summarize(out)
+    (out / "summary.md").write_text(text)
+    logging.info("%s", text)
+
+
+if __name__ == "__main__":
+    main()
