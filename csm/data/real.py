@@ -61,6 +61,34 @@ class Split:
         return torch.bincount(self.labels, minlength=num_classes).tolist()
 
 
+def stratified_subset(split: Split, per_class: int, seed: int) -> Split:
+    """The first ``per_class`` images of each class in a seeded random order (all of a class
+    that has fewer), in their original order.
+
+    The lever of an over-confident regime (capacity against data): a model trained to zero loss
+    on few images per class. Deterministic from ``seed`` (the run's data seed).
+
+    Args:
+        split: The training split.
+        per_class: Images kept per class (>= 1).
+        seed: Seed of the draw.
+
+    Returns:
+        The subset (a new :class:`Split`).
+    """
+    if per_class < 1:
+        raise CSMError(f"--train-per-class {per_class}: give at least 1")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(split), generator=g)
+    labels = split.labels[order]
+    rank = torch.zeros_like(labels)
+    for k in torch.unique(labels).tolist():  # position of each image among its class's draws
+        mask = labels == k
+        rank[mask] = torch.arange(int(mask.sum()))
+    keep = order[rank < per_class].sort().values
+    return Split(split.images[keep], split.labels[keep])
+
+
 @dataclass
 class RealData:
     """A real dataset split three ways, with its class names and the seed of the split.

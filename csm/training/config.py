@@ -60,6 +60,13 @@ class _TrainOptions:
     )
     image_size: int | None = field(default=None, metadata={"help": "resize real images to this"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of train held out as val"})
+    train_per_class: int | None = field(
+        default=None,
+        metadata={
+            "help": "keep only this many training images per class (a stratified subset drawn "
+            "with the data seed; val and test unchanged)"
+        },
+    )
     test_fraction: float = field(
         default=0.2, metadata={"help": "share held out as test when the data has no test split"}
     )
@@ -89,7 +96,10 @@ class _TrainOptions:
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast (CUDA only)"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last (CUDA only)"})
     select_metric: str = field(
-        default="cls/Acc", metadata={"help": "val metric for model selection (ties: lower NLL)"}
+        default="cls/Acc",
+        metadata={
+            "help": "val metric for model selection (ties: lower NLL), or last (final epoch)"
+        },
     )
     syn_groups: int = field(
         default=1, metadata={"help": "synthetic groups drawn per real image (CSM batches)"}
@@ -156,6 +166,12 @@ def validate_config(cfg: Any) -> None:
     method_params(cfg)  # unknown method, or an option the method does not accept
     checks = [
         (cfg.epochs >= 1, "--epochs", cfg.epochs, "give at least 1"),
+        (
+            cfg.train_per_class is None or cfg.train_per_class >= 1,
+            "--train-per-class",
+            cfg.train_per_class,
+            "give at least 1 (or leave it unset for the whole training split)",
+        ),
         (cfg.batch_size >= 1, "--batch-size", cfg.batch_size, "give at least 1"),
         (
             cfg.syn_member_order in MEMBER_ORDERS,
@@ -200,9 +216,9 @@ def validate_config(cfg: Any) -> None:
             raise CSMError(f"{flag} {value}: out of range; {fix}")
 
     metric = METRIC_ALIASES.get(cfg.select_metric, cfg.select_metric)  # torch-uncertainty names
-    if metric not in METRIC_NAMES or metric.startswith("ood/"):
+    if metric != "last" and (metric not in METRIC_NAMES or metric.startswith("ood/")):
         raise CSMError(
-            f"--select-metric {cfg.select_metric}: not a validation metric; use one of "
+            f"--select-metric {cfg.select_metric}: not a validation metric; use last or one of "
             f"{', '.join(m for m in METRIC_NAMES if not m.startswith('ood/'))} (or an alias: "
             f"{', '.join(METRIC_ALIASES)})"
         )

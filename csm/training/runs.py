@@ -177,15 +177,22 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
 
 def real_data_for(cfg: TrainConfig):
     """Load the real dataset exactly as the run with config ``cfg`` saw it (same splits)."""
-    from csm.data.real import load_real
+    from dataclasses import replace
 
-    return load_real(
+    from csm.data.real import load_real, stratified_subset
+
+    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    data = load_real(
         cfg.dataset,
         image_size=cfg.image_size,
-        seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+        seed=seed,
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
     )
+    per_class = getattr(cfg, "train_per_class", None)  # absent from configs of older runs
+    if per_class is not None:
+        data = replace(data, train=stratified_subset(data.train, per_class, seed))
+    return data
 
 
 def read_json(path: Path) -> Any:

@@ -182,9 +182,15 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63 - 1)
 
 
+#: ``--select-metric last``: keep the final epoch's model (no selection), as long training
+#: recipes that report their final model do.
+LAST = "last"
+
+
 def _better(metric: str, new: dict[str, Any], best: dict[str, Any] | None) -> bool:
-    """Whether ``new`` beats ``best`` on ``val/metric`` (ties: lower val NLL)."""
-    if best is None:
+    """Whether ``new`` beats ``best`` on ``val/metric`` (ties: lower val NLL); with
+    :data:`LAST` every epoch beats the one before (the final model is kept)."""
+    if best is None or metric == LAST:
         return True
     metric = canonical_metric(metric)  # torch-uncertainty aliases -> our names
     key = f"val/{metric}"

@@ -155,3 +155,32 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     with pytest.raises(CSMError, match="mixed sizes.*--image-size"):
         load_real(mixed)
     assert load_real(mixed, image_size=5).image_shape == (1, 5, 5)
+
+
+def test_stratified_subset_keeps_per_class_images_deterministically():
+    from csm.data.real import Split, stratified_subset
+
+    labels = torch.tensor([0] * 7 + [1] * 3 + [2] * 5)
+    images = torch.arange(15, dtype=torch.uint8).view(15, 1, 1, 1)
+    split = Split(images, labels)
+    sub = stratified_subset(split, 4, seed=3)
+    assert torch.bincount(sub.labels).tolist() == [4, 3, 4]  # class 1 has only 3
+    idx = sub.images.flatten().long()
+    assert torch.equal(labels[idx], sub.labels) and torch.equal(idx, idx.sort().values)
+    again = stratified_subset(split, 4, seed=3)
+    assert torch.equal(again.images, sub.images)
+    other = stratified_subset(split, 4, seed=4)
+    assert not torch.equal(other.images, sub.images)
+    with pytest.raises(CSMError, match="--train-per-class 0"):
+        stratified_subset(split, 0, seed=0)
+
+
+def test_run_data_uses_the_subset_and_keeps_val_and_test():
+    from csm.training.config import TrainConfig
+    from csm.training.runs import real_data_for
+
+    full = real_data_for(TrainConfig(dataset="digits", data_seed=0))
+    sub = real_data_for(TrainConfig(dataset="digits", data_seed=0, train_per_class=20))
+    assert len(sub.train) == 200 and sub.train.class_counts(10) == [20] * 10
+    assert torch.equal(sub.val.images, full.val.images)
+    assert torch.equal(sub.test.labels, full.test.labels)

@@ -276,6 +276,15 @@ def test_select_metric_risk_keeps_the_epoch_with_the_lowest_risk(tmp_path, name)
     assert info["val"]["val/sc/Risk@80"] == min(risks)
 
 
+def test_select_metric_last_keeps_the_final_epoch(tmp_path):
+    cfg = tiny(tmp_path / "last", epochs=3, batch_size=128, schedule="constant", lr=0.03)
+    run = train(dataclasses.replace(cfg, select_metric="last"))
+    rows = read_rows(run)
+    info = json.loads((run / "run.json").read_text())
+    assert info["best_epoch"] == 3 == len(rows)
+    assert info["val"]["val/cls/Acc"] == float(rows[-1]["val/cls/Acc"])
+
+
 def test_checkpoint_is_accelerate_state_plus_loop_and_method_state(tmp_path):
     run = train(tiny(tmp_path / "c", method="crl", epochs=1))
     names = {p.name for p in (run / "checkpoints" / "last").iterdir()}
