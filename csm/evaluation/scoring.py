@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from csm.calibration.calibrators import CALIBRATORS
-from csm.calibration.metrics import compute_all, compute_all_probs, ece, selective_metrics
+from csm.calibration.metrics import (
+    binned_errors,
+    binned_sums,
+    compute_all,
+    compute_all_probs,
+    selective_metrics,
+)
 from csm.errors import CSMError
 from csm.evaluation.cache import Outputs
 from csm.evaluation.leaderboard import BIN_COUNTS, BINNED_ECE_PREFIX, CLEAN, MIN_VAL_ERRORS
@@ -83,9 +89,12 @@ def _metrics(
         )
     else:
         metrics = compute_all_probs(probs, out.labels, n_bins=n_bins, ood_probs=ood_probs)
-    if ood is not None or with_bins:  # clean test: the binned ECE at every bin count
+    if with_bins:  # clean test: the binned ECE at every bin count, from one top-label pass
+        conf, pred = probs.max(-1)
+        correct = pred == out.labels
         for b in BIN_COUNTS:
-            metrics[f"{BINNED_ECE_PREFIX}{b}"] = ece(probs, out.labels, n_bins=b)
+            binned = binned_errors(*binned_sums(conf, correct, b))
+            metrics[f"{BINNED_ECE_PREFIX}{b}"] = binned["cal/ECE"]
     if hasattr(cal, "uncertainty"):  # an uncertainty head ranks by -u
         correct = probs.argmax(-1) == out.labels
         u = cal.uncertainty(out.logits, out.features)

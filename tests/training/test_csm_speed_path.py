@@ -4,7 +4,6 @@ from, never a number; ``csm train`` enters it on the CPU; it stays off where ask
 from __future__ import annotations
 
 import copy
-import resource
 
 import pytest
 import torch
@@ -18,17 +17,6 @@ from csm.training.trainer import CPUHeapReuse, StepModule, train, training_step
 
 ACTIVE = CPUHeapReuse()._glibc() is not None  # glibc here and not opted out by the environment
 needs_glibc = pytest.mark.skipif(not ACTIVE, reason="glibc allocator only")
-
-
-def _faults_of_allocation(nbytes: int) -> int:
-    """Minor page faults of allocating and writing ``nbytes`` (the second time: the first may
-    grow the heap)."""
-    for _ in range(2):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        buf = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        del buf
-    return faults
 
 
 _PROBE = """
