@@ -46,14 +46,21 @@ def test_large_blocks_are_reused_inside_and_mmapped_again_after():
     import sys
 
     # a fresh process: the allocator state of the test session (arenas, earlier tensors) must
-    # not decide where the block comes from
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, timeout=120
-    ).stdout.split()
-    active, inside, after, still = out[0] == "True", int(out[1]), int(out[2]), out[3] == "True"
-    assert active and not still
-    assert inside < 1000  # the freed block is handed out again, already mapped
-    assert after > 5000  # defaults back: a fresh mmap, every page faults again
+    # not decide where the block comes from. Whether glibc can hand the block back from the heap
+    # differs between fresh processes (address-space layout: 2-3 of 8 bare probes here could
+    # not), so up to 8 processes are tried; every one must restore the defaults, one must reuse.
+    reused = []
+    for _ in range(8):
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True, timeout=120
+        ).stdout.split()
+        active, inside, after, still = out[0] == "True", int(out[1]), int(out[2]), out[3] == "True"
+        assert active and not still
+        assert after > 5000  # defaults back: a fresh mmap, every page faults again
+        reused.append(inside < 1000)  # the freed block is handed out again, already mapped
+        if reused[-1]:
+            break
+    assert any(reused), reused
 
 
 def test_off_when_disabled_opted_out_user_tuned_or_nested(monkeypatch):
