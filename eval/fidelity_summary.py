@@ -33,7 +33,8 @@ def _cells(path: Path, method: str) -> list[str] | None:
             fmt([r["cal/ECE"] for r in ts])]  # fmt: skip
 
 
-def main() -> None:
+def table(results: Path = RESULTS) -> str:
+    """The before/after table (markdown) from the results under ``results``."""
     out = ["# Fidelity re-runs (issue 13): before / after", "", __doc__.split("\n\n")[1], ""]
     out += [
         "| dataset | method | run | Acc % | ECE % | ECE % + TS |",
@@ -41,9 +42,9 @@ def main() -> None:
     ]
     for ds in ("digits", "mnist5k"):
         runs = {
-            "before (committed)": RESULTS / f"{ds}-5seeds" / "results.csv",
-            "after (reference defaults)": RESULTS / f"fidelity-{ds}-5seeds" / "results.csv",
-            "after, refcal views=trainer": RESULTS
+            "before (committed)": results / f"{ds}-5seeds" / "results.csv",
+            "after (reference defaults)": results / f"fidelity-{ds}-5seeds" / "results.csv",
+            "after, refcal views=trainer": results
             / f"fidelity-{ds}-5seeds-refcal-views-trainer"
             / "results.csv",
         }
@@ -52,7 +53,11 @@ def main() -> None:
                 cells = _cells(path, method) if path.is_file() else None
                 if cells is not None:
                     out.append(f"| {ds} | {method} | {label} | " + " | ".join(cells) + " |")
-    sys.stdout.write("\n".join(out) + "\n")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    sys.stdout.write(table())
 
 
 if __name__ == "__main__":

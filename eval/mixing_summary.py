@@ -27,6 +27,15 @@ NOTE = (
 )
 VARIANTS = ("base", "judge-ts", "pair-fit", "targeted", "old-gen")
 METRICS = ("cls/Acc", "cal/ECE", "cal/AdaECE")
+#: The CSM configuration the regimes re-run uses (eval/regimes.sh CSM_LABEL / CSM_SCHEDULE) is
+#: chosen on validation only, by a rule fixed before the runs: among the variants of the improved
+#: generator, the lowest mean validation ECE of the selected checkpoints (run.json "val").
+CHOICES = {
+    "base": ("s4", "uniform"),
+    "judge-ts": ("judge-ts", "uniform"),
+    "pair-fit": ("pair-fit", "uniform"),
+    "targeted": ("s4", "targeted"),
+}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -59,12 +68,34 @@ def _paired(paired: list[dict], metric: str) -> str:
     return "—"
 
 
+def val_metric(out: Path, folder: str, method: str, metric: str = "val/cal/ECE") -> list[float]:
+    """``metric`` of every seed's selected checkpoint (``run.json`` ``val``; never test)."""
+    runs = sorted((out / folder / "runs" / method).glob("seed*/run.json"))
+    return [float(json.loads(p.read_text())["val"][metric]) for p in runs]
+
+
+def choose_on_val(out: Path) -> tuple[str, list[str]]:
+    """The variant :data:`CHOICES` picks (lowest mean val ECE) and one line per candidate."""
+    lines, best = [], None
+    for v in CHOICES:
+        ece = val_metric(out, f"csm-{v}", "csm")
+        if not ece:
+            continue
+        acc = val_metric(out, f"csm-{v}", "csm", "val/cls/Acc")
+        mean = statistics.fmean(ece)
+        n = len(ece)
+        lines.append(f"- {v}: val ECE {_mean_std(ece)}, val Acc {_mean_std(acc)} ({n} seeds)")
+        if best is None or mean < best[1]:
+            best = (v, mean)
+    return (best[0] if best else ""), lines
+
+
 def summarize(out: Path) -> str:
     head = (
         "| variant | Acc % | ECE % | AdaECE % | ECE % + TS | shifted ECE % | ΔECE vs CE "
-        "| ΔAdaECE vs CE |"
+        "| ΔAdaECE vs CE | val ECE % |"
     )
-    lines = [head, "|---|" + "---:|" * 7]
+    lines = [head, "|---|" + "---:|" * 8]
     ce_done = False
     for v in VARIANTS:
         folder = out / f"eval-{v}"
@@ -73,10 +104,18 @@ def summarize(out: Path) -> str:
         rows = read_results(folder / "results.csv")
         paired = read_paired(folder / "paired.csv") if (folder / "paired.csv").is_file() else []
         if not ce_done:
-            lines.append("| ce | " + " | ".join(_cells(rows, "ce")) + " | | |")
+            ce_val = _mean_std(val_metric(out, "ce", "ce"))
+            lines.append("| ce | " + " | ".join(_cells(rows, "ce")) + f" | | | {ce_val} |")
             ce_done = True
         deltas = [_paired(paired, "cal/ECE"), _paired(paired, "cal/AdaECE")]
+        deltas.append(_mean_std(val_metric(out, f"csm-{v}", "csm")))
         lines.append(f"| csm {v} | " + " | ".join(_cells(rows, "csm") + deltas) + " |")
+    chosen, candidates = choose_on_val(out)
+    label, schedule = CHOICES.get(chosen, ("", ""))
+    partial = len(candidates) < len(CHOICES) or any("(5 seeds)" not in c for c in candidates)
+    verdict = f"- **chosen{' so far (runs missing)' if partial else ''}: {chosen or 'none'}**"
+    if chosen:
+        verdict += f" (eval/regimes.sh CSM_LABEL={label} CSM_SCHEDULE={schedule})"
     spread = []
     for name in ("syn", "syn-targeted"):
         path = out / f"inspect-{name}" / "inspect.json"
@@ -95,6 +134,11 @@ def summarize(out: Path) -> str:
                 "",
                 "Confidence spread (csm inspect):",
                 *spread,
+                "",
+                "Chosen on validation (lowest mean val ECE of the selected checkpoints, among the "
+                "improved generator's variants; the rule was fixed before the runs):",
+                *candidates,
+                verdict,
             ]
         )
         + "\n"

@@ -176,6 +176,13 @@ class AnnotateConfig:
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     real_seed: int = field(default=0, metadata={"help": "seed of the real dataset's split"})
+    real_val_fraction: float = field(
+        default=0.1, metadata={"help": "val share of the real split (as the runs' --val-fraction)"}
+    )
+    real_train_per_class: int | None = field(
+        default=None,
+        metadata={"help": "training images per class of the real split (as --train-per-class)"},
+    )
     cache_dir: str | None = field(
         default=None, metadata={"help": "prototype cache (default $CSM_CACHE_DIR or ~/.cache/csm)"}
     )
@@ -735,6 +742,10 @@ def annotate_dataset(
         "real_dataset": getattr(real, "spec", None),
         "real_seed": getattr(real, "seed", None),
     }
+    if real is not None:  # provenance: csm train checks the encoder and --real splits
+        info["real_split"] = real.split_record()
+    if getattr(encoder, "split", None) is not None:
+        info["encoder_split"] = encoder.split
     if label_fit is not None:  # the default (squash) records exactly what it always did
         judge_head = label_mode == "judge" and protos is None  # lam_hat: sigmoid(z_a - z_b)
         info.update(
@@ -852,20 +863,25 @@ def _finish_interrupted_activation(dataset: str) -> None:
         logger.warning("%s: finished what an interrupted csm annotate left behind", dataset)
 
 
-def _warn_other_split(encoder: Any, cfg: AnnotateConfig) -> None:
-    """Warn when a classifier encoder was trained on another split of the ``--real`` dataset:
-    its training images then include test images of the split the labels are used with."""
+def _warn_other_split(encoder: Any, real: Any, cfg: AnnotateConfig) -> None:
+    """Warn when a classifier encoder was trained on images outside the ``--real`` training split
+    (another split seed, val fraction or ``--train-per-class`` subset): its training images then
+    include val or test images of the split the labels are fitted and used with."""
+    from csm.data.real import split_difference
+
     split = getattr(encoder, "split", None)
-    if split is None or not cfg.real or split[0] != cfg.real or split[1] == cfg.real_seed:
+    if split is None or real is None or split["dataset"] != real.spec:
+        return
+    why = split_difference(real.split_record(), split, this="--real")
+    if why is None:
         return
     logger.warning(
-        "--encoder %s was trained on the split of data seed %s of %s, but --real-seed is %d: "
-        "its training images include test images of that split; train the encoder with "
-        "--data-seed %d",
+        "--encoder %s was trained on another split of %s than --real's: %s; train the encoder "
+        "with the split of the runs (--data-seed %d, their --val-fraction and --train-per-class) "
+        "or pass that split as --real-seed / --real-val-fraction / --real-train-per-class",
         cfg.encoder,
-        split[1],
-        split[0],
-        cfg.real_seed,
+        real.spec,
+        why,
         cfg.real_seed,
     )
 
@@ -896,7 +912,13 @@ def annotate(cfg: AnnotateConfig) -> str:
     real = None
     if cfg.real:
         c, h, w = _image_hw(Path(cfg.dataset) / records[0]["file"])
-        real = load_real(cfg.real, image_size=h, seed=cfg.real_seed)
+        real = load_real(
+            cfg.real,
+            image_size=h,
+            seed=cfg.real_seed,
+            val_fraction=cfg.real_val_fraction,
+            train_per_class=cfg.real_train_per_class,
+        )
         if list(real.class_names) != list(manifest["params"]["class_names"]):
             raise CSMError(
                 f"real dataset {cfg.real!r}: class names {list(real.class_names)[:10]} differ from "
@@ -906,7 +928,7 @@ def annotate(cfg: AnnotateConfig) -> str:
     elif cfg.mode == "projection":
         raise CSMError("real: missing; projection mode needs --real SPEC for the class prototypes")
     encoder = load_encoder(cfg.encoder, cfg.device)
-    _warn_other_split(encoder, cfg)
+    _warn_other_split(encoder, real, cfg)
     rep = annotate_dataset(
         cfg.dataset,
         encoder,

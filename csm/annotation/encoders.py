@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from csm.data.real import split_record
 from csm.errors import CSMError
 from csm.training.inference import Transform, predict
 from csm.training.models import import_transformers
@@ -278,8 +279,14 @@ class ClassifierEncoder(ImageEncoder):
         loaded = load_run(run_dir)
         self.model = loaded.model.to(device).eval()
         cfg = loaded.config
-        #: (dataset spec, data seed) of the split the classifier was trained on
-        self.split = (cfg.dataset, cfg.seed if cfg.data_seed is None else cfg.data_seed)
+        #: the split the classifier was trained on (:func:`csm.data.real.split_record`)
+        self.split = split_record(
+            cfg.dataset,
+            cfg.seed if cfg.data_seed is None else cfg.data_seed,
+            cfg.val_fraction,
+            cfg.test_fraction,
+            getattr(cfg, "train_per_class", None),  # absent from older configs
+        )
         self._class_names = list(loaded.class_names)
         meta: dict[str, Any] = {}
         if (run_dir / "model.json").is_file():

@@ -111,6 +111,16 @@ class RealData:
     seed: int
     allow_hflip: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    train_per_class: int | None = None
+
+    def split_record(self) -> dict[str, Any]:
+        """Which images the ``train`` split holds: everything that decides it
+        (:func:`split_record`), recorded by every model trained on it."""
+        return split_record(
+            self.spec, self.seed, self.val_fraction, self.test_fraction, self.train_per_class
+        )
 
     @property
     def num_classes(self) -> int:
@@ -123,6 +133,53 @@ class RealData:
 
 # --------------------------------------------------------------------------------------------
 # splitting
+
+#: The keys of a split record (:func:`split_record`), in order.
+SPLIT_KEYS = ("dataset", "seed", "val_fraction", "test_fraction", "train_per_class")
+
+
+def split_record(
+    dataset: str,
+    seed: int,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    train_per_class: int | None = None,
+) -> dict[str, Any]:
+    """The record of a training split: the dataset spec and every option that decides which of
+    its images :func:`load_real` puts in ``train`` (the split seed, the val and test fractions,
+    the ``--train-per-class`` subset). Generators, annotation encoders and classifiers record it,
+    so that a run can check that no model behind its synthetic data saw an image outside its own
+    training images (:func:`split_difference`)."""
+    return {
+        "dataset": dataset,
+        "seed": int(seed),
+        "val_fraction": float(val_fraction),
+        "test_fraction": float(test_fraction),
+        "train_per_class": None if train_per_class is None else int(train_per_class),
+    }
+
+
+def split_difference(
+    run: dict[str, Any], used: dict[str, Any], this: str = "this run"
+) -> str | None:
+    """Why a model trained on split ``used`` may have seen images outside the training split
+    ``run`` (``None``: it did not).
+
+    ``used`` covers no other image when every key is equal, or when both differ only in
+    ``train_per_class`` and ``used`` keeps at most as many images per class: the subset draws
+    the same seeded order, so a smaller subset is part of a larger one and of the whole split.
+    Keys missing from an older record take :func:`split_record`'s defaults.
+    """
+    defaults = split_record("", 0)
+    a = {k: run.get(k, defaults[k]) for k in SPLIT_KEYS}
+    b = {k: used.get(k, defaults[k]) for k in SPLIT_KEYS}
+    diff = [k for k in SPLIT_KEYS if k != "train_per_class" and a[k] != b[k]]
+    pa, pb = a["train_per_class"], b["train_per_class"]
+    if pb is None and pa is not None or (pa is not None and pb is not None and pb > pa):
+        diff.append("train_per_class")
+    if not diff:
+        return None
+    return ", ".join(f"{k} {b[k]!r} ({this}: {a[k]!r})" for k in diff)
 
 
 def stratified_split(
@@ -427,6 +484,7 @@ def load_real(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     allow_hflip: bool | None = None,
+    train_per_class: int | None = None,
 ) -> RealData:
     """Load a real dataset and split it into train / val / test.
 
@@ -440,6 +498,8 @@ def load_real(
         test_fraction: Share of each class used as ``test`` when the dataset has no test split.
         allow_hflip: Whether horizontal flips keep the label; default ``False`` for digit- and
             character-like datasets, ``True`` otherwise.
+        train_per_class: Keep only this many training images per class
+            (:func:`stratified_subset`, drawn with ``seed``); val and test are unchanged.
 
     Returns:
         The splits, class names and split seed.
@@ -486,6 +546,8 @@ def load_real(
     )
     if allow_hflip is None:
         allow_hflip = not any(h in spec.lower() for h in _NO_FLIP_HINTS)
+    if train_per_class is not None:
+        train = stratified_subset(train, train_per_class, seed)
     logger.info(
         "loaded %s: %d classes, train/val/test = %d/%d/%d, shape %s",
         spec,
@@ -495,7 +557,18 @@ def load_real(
         len(test_split),
         tuple(train.images.shape[1:]),
     )
-    return RealData(train, val, test_split, list(names), spec, seed, allow_hflip)
+    return RealData(
+        train,
+        val,
+        test_split,
+        list(names),
+        spec,
+        seed,
+        allow_hflip,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        train_per_class=train_per_class,
+    )
 
 
 @dataclass

@@ -157,6 +157,19 @@ class FitDiffusionConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing model in --out"})
     seed: int = field(default=0, metadata={"help": "seed of init, batches, noise, dropout"})
     split_seed: int = field(default=0, metadata={"help": "seed of the train/val/test split"})
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "share of train held out as val (as csm train's)"}
+    )
+    test_fraction: float = field(
+        default=0.2, metadata={"help": "share held out as test when the dataset has none"}
+    )
+    train_per_class: int | None = field(
+        default=None,
+        metadata={
+            "help": "train on this many images per class (as csm train --train-per-class: "
+            "the generator of a run sees only that run's training images)"
+        },
+    )
     grid_per_class: int = field(default=8, metadata={"help": "samples per class in samples.png"})
     grid_steps: int = field(default=25, metadata={"help": "DDIM steps for samples.png"})
     grid_guidance: float = field(default=1.0, metadata={"help": "CFG scale for samples.png"})
@@ -341,7 +354,14 @@ class _Run:
 
 def _load_data(cfg: FitDiffusionConfig, r: dict, preset: Preset) -> RealData:
     """The real dataset, checked to be square and divisible by the preset's down-sampling."""
-    data = load_real(cfg.dataset, image_size=r["image_size"], seed=cfg.split_seed)
+    data = load_real(
+        cfg.dataset,
+        image_size=r["image_size"],
+        seed=cfg.split_seed,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        train_per_class=cfg.train_per_class,
+    )
     _, h, w = data.image_shape
     if h != w:
         raise CSMError(
@@ -393,10 +413,13 @@ def _records(
         "layers_per_block": preset.layers_per_block,
         "attention": preset.attention,
         "num_train_timesteps": preset.num_train_timesteps,
+        "train_split": data.split_record(),
     }
     keys = ("dataset_spec", "class_names", "image_shape", "preset", "seed", "steps", "batch_size")
     identity = {key: record[key] for key in keys}
-    for key, default in (("prediction_type", "epsilon"), ("snr_gamma", 0.0)):
+    defaults = {"prediction_type": "epsilon", "snr_gamma": 0.0, "split_seed": 0}
+    defaults |= {"val_fraction": 0.1, "test_fraction": 0.2, "train_per_class": None}
+    for key, default in defaults.items():
         if record[key] != default:  # absent from the identity of checkpoints written before
             identity[key] = record[key]
     return record, identity

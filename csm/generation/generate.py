@@ -155,8 +155,23 @@ def generation_info(cfg: GenerateConfig, pipe: Any, model_ref: str) -> dict[str,
         "sample_size": size if isinstance(size, int) else list(size),
         "license": _license(train_cfg.get("dataset"), cfg.license),
         "device": pipe.device.type,
+        **_train_split(train_cfg),
         **_versions(),
     }
+
+
+def _train_split(train_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``{"train_split": record}``: the images the generator was trained on
+    (:func:`csm.data.real.split_record`; rebuilt from the split seed for generators fitted
+    before csm recorded it), or ``{}`` for a generator without a training config (e.g. from the
+    Hub), which no run can check."""
+    from csm.data.real import split_record
+
+    if train_cfg.get("train_split"):
+        return {"train_split": train_cfg["train_split"]}
+    if train_cfg.get("dataset_spec") is None:
+        return {}
+    return {"train_split": split_record(train_cfg["dataset_spec"], train_cfg.get("split_seed", 0))}
 
 
 def apply_card(cfg: GenerateConfig) -> GenerateConfig:

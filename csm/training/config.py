@@ -101,6 +101,13 @@ class _TrainOptions:
             "help": "val metric for model selection (ties: lower NLL), or last (final epoch)"
         },
     )
+    val_every: int = field(
+        default=1,
+        metadata={
+            "help": "validate every N epochs and the last one (model selection chooses among "
+            "them; with --select-metric last only the last one matters)"
+        },
+    )
     syn_groups: int = field(
         default=1, metadata={"help": "synthetic groups drawn per real image (CSM batches)"}
     )
@@ -115,6 +122,13 @@ class _TrainOptions:
         metadata={
             "help": "order of a group's members: reannotated (soft label, the CSM reference "
             "code's) or generation (lambda)"
+        },
+    )
+    allow_split_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "train on --synthetic whose generator or annotation encoder was trained on "
+            "other images than this run's training split (default: refused)"
         },
     )
     syn_reader: str = field(
@@ -173,6 +187,7 @@ def validate_config(cfg: Any) -> None:
             "give at least 1 (or leave it unset for the whole training split)",
         ),
         (cfg.batch_size >= 1, "--batch-size", cfg.batch_size, "give at least 1"),
+        (cfg.val_every >= 1, "--val-every", cfg.val_every, "give at least 1 (every epoch)"),
         (
             cfg.syn_member_order in MEMBER_ORDERS,
             "--syn-member-order",

@@ -248,7 +248,9 @@ class CifarResNet(ImageClassifier):
 
     Reference: He et al., CVPR 2016; the 3x3-stem variant used by the CSM paper and most
     calibration papers (e.g. Mukhoti et al., "Calibrating Deep Neural Networks using Focal Loss",
-    NeurIPS 2020).
+    NeurIPS 2020). ``width`` (model option, default 64 as in the paper) scales every stage's
+    channels (``width, 2 width, 4 width, 8 width``): ``width=32`` keeps the depth and the
+    residual structure at a quarter of the FLOPs, for CPU budgets.
     """
 
     def __init__(
@@ -259,14 +261,18 @@ class CifarResNet(ImageClassifier):
         in_channels: int,
         mean: Sequence[float],
         std: Sequence[float],
+        width: int = 64,
     ) -> None:
         super().__init__(mean, std)
+        if width < 1:
+            raise CSMError(f"model option width={width}: give at least 1 (64: the paper's)")
+        w = int(width)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(True)
+            nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(True)
         )
-        cin = 64
+        cin = w
         stages = []
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
+        for i, (planes, n) in enumerate(zip((w, 2 * w, 4 * w, 8 * w), layers, strict=True)):
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1

@@ -177,22 +177,16 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
 
 def real_data_for(cfg: TrainConfig):
     """Load the real dataset exactly as the run with config ``cfg`` saw it (same splits)."""
-    from dataclasses import replace
+    from csm.data.real import load_real
 
-    from csm.data.real import load_real, stratified_subset
-
-    seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    data = load_real(
+    return load_real(
         cfg.dataset,
         image_size=cfg.image_size,
-        seed=seed,
+        seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
+        train_per_class=getattr(cfg, "train_per_class", None),  # absent from older configs
     )
-    per_class = getattr(cfg, "train_per_class", None)  # absent from configs of older runs
-    if per_class is not None:
-        data = replace(data, train=stratified_subset(data.train, per_class, seed))
-    return data
 
 
 def read_json(path: Path) -> Any:

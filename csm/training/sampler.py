@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -9,11 +10,15 @@ import torch
 from csm.errors import CSMError
 from csm.training.config import TrainConfig
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "SyntheticSampler",
     "check_synthetic_matches",
+    "check_synthetic_split",
     "load_synthetic_for",
     "member_rank",
+    "synthetic_splits",
     "take_images",
 ]
 
@@ -191,6 +196,7 @@ def load_synthetic_for(
     # DIR (the active annotation) or DIR:NAME (a named annotation over the same images)
     syn = load_synthetic_tensors(cfg.synthetic, option="--synthetic", lazy=lazy)
     check_synthetic_matches(syn, real.class_names, real.image_shape, cfg.synthetic)
+    check_synthetic_split(cfg.synthetic, real.split_record(), cfg.allow_split_mismatch)
     # cfg.syn_member_order is one of config.MEMBER_ORDERS (validate_config checked it)
     reannotated = cfg.syn_member_order == "reannotated"
     rank = member_rank(syn.soft_labels, syn.class_a, syn.class_b) if reannotated else None
@@ -206,6 +212,56 @@ def load_synthetic_for(
         rank=rank,
     )
     return syn, sampler
+
+
+def synthetic_splits(spec: str) -> dict[str, dict[str, Any] | None]:
+    """The training splits of the models behind the synthetic dataset ``spec`` (``DIR[:NAME]``):
+    ``{"generator": record, "annotation encoder": record}``; ``None`` where the dataset does not
+    record one (made before csm recorded splits, a Hub generator, a CLIP encoder, λ labels)."""
+    from csm.synthetic import parse_spec, read_manifest
+    from csm.synthetic.variants import LAMBDA_NAME, active_name
+
+    folder, name = parse_spec(spec)
+    manifest = read_manifest(folder)
+    info = (manifest.get("params") or {}).get("info") or {}
+    if name is None or name == active_name(manifest):
+        ann = manifest.get("annotation") or {}
+    else:
+        ann = (manifest.get("annotations") or {}).get(name) or {}
+    encoder = None if name == LAMBDA_NAME else ann.get("encoder_split")
+    return {"generator": info.get("train_split"), "annotation encoder": encoder}
+
+
+def check_synthetic_split(spec: str, run_split: dict[str, Any], allow: bool = False) -> None:
+    """Refuse synthetic data made by a model that saw images outside this run's training split.
+
+    A generator or annotation encoder fitted on another split seed, val fraction or a larger
+    ``--train-per-class`` subset has seen val or test images of this run (its calibrators are
+    fitted on val, its scores read on test), or more real data than the methods it is compared
+    with; :func:`csm.data.real.split_difference` says which. A dataset that records no split is
+    let through with a warning.
+
+    Raises:
+        CSMError: A recorded split differs and ``allow`` (``--allow-split-mismatch``) is off.
+    """
+    from csm.data.real import split_difference
+
+    for what, used in synthetic_splits(spec).items():
+        if used is None:
+            logger.info("--synthetic %s: its %s records no training split", spec, what)
+            continue
+        why = split_difference(run_split, used)
+        if why is None:
+            continue
+        msg = (
+            f"--synthetic {spec}: its {what} was trained on another split of {used['dataset']}: "
+            f"{why}; it saw images outside this run's training images. Fit it with this run's "
+            "split (csm fit-diffusion / csm train --split-seed/--data-seed, --val-fraction, "
+            "--train-per-class), or pass --allow-split-mismatch"
+        )
+        if not allow:
+            raise CSMError(msg)
+        logger.warning("%s (allowed)", msg)
 
 
 def check_synthetic_matches(

@@ -713,6 +713,12 @@ def train(cfg: TrainConfig) -> Path:
     return run.out
 
 
+def _validates(cfg: TrainConfig, loop: _Loop, epoch: int) -> bool:
+    """Whether epoch ``epoch`` is validated: every ``--val-every``-th epoch and the last one
+    (also a ``--max-steps`` stop). Model selection chooses among the validated epochs."""
+    return (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs or loop.stop
+
+
 def _train_loop(run: _Run, loop: _Loop, start: int) -> None:
     """The epochs from ``start``, then ``run.json``."""
     cfg = run.cfg
@@ -723,7 +729,9 @@ def _train_loop(run: _Run, loop: _Loop, start: int) -> None:
         row = _train_epoch(run, loop, epoch)
         _sync_buffers(run)
         improved = False
-        if run.stages[_stage_at(run.stages, epoch)[0]].trains_classifier:
+        if run.stages[_stage_at(run.stages, epoch)[0]].trains_classifier and _validates(
+            cfg, loop, epoch
+        ):
             improved = _validate(run, loop, row, epoch)
         loop.rows.append(row)
         _save_epoch(run, loop, row, epoch, improved)

@@ -318,6 +318,12 @@ def test_cli_classifier_projection_and_judge(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert "annotated 8 images" in capsys.readouterr().out
     assert read_manifest(out)["annotation"]["encoder"] == f"classifier:{run}"
+    # the encoder's and --real's splits are recorded: csm train checks them against its own
+    from csm.data.real import split_record
+    from csm.training.sampler import synthetic_splits
+
+    assert read_manifest(out)["annotation"]["real_split"] == split_record("digits", 0)
+    assert synthetic_splits(str(out))["annotation encoder"] == split_record("digits", 0)
     assert (out / REPORT_PNG).is_file()
     # judge: soft[a] = p_a / (p_a + p_b) of the classifier
     assert (

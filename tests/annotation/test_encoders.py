@@ -103,18 +103,37 @@ def test_missing_models_are_clear_errors(tmp_path):
 def test_classifier_encoder_knows_its_split_and_annotate_warns_on_another(tmp_path, caplog):
     import csm.annotation.annotate as annotate_module
     from csm.annotation.annotate import AnnotateConfig
+    from csm.data.real import load_real
     from csm.training.config import TrainConfig
 
     cfg = TrainConfig(dataset="digits", seed=100, out=str(tmp_path / "run"))  # data_seed: seed
-    run = make_run(tmp_path / "run", [str(i) for i in range(10)], cfg=cfg)
+    names = [str(i) for i in range(10)]
+    run = make_run(tmp_path / "run", names, cfg=cfg)
     enc = load_encoder(f"classifier:{run}", "cpu")
-    assert enc.split == ("digits", 100)
+    assert enc.split == {
+        "dataset": "digits",
+        "seed": 100,
+        "val_fraction": 0.1,
+        "test_fraction": 0.2,
+        "train_per_class": None,
+    }
     ann = AnnotateConfig(dataset="syn", real="digits", real_seed=0, encoder=f"classifier:{run}")
     with caplog.at_level("WARNING"):
-        annotate_module._warn_other_split(enc, ann)
-    assert "trained on the split of data seed 100 of digits, but --real-seed is 0" in caplog.text
+        annotate_module._warn_other_split(enc, load_real("digits", seed=0), ann)
+    assert "trained on another split of digits than --real's: seed 100 (--real: 0)" in caplog.text
+    caplog.clear()
+    # a larger --real-train-per-class than the encoder's subset: it saw only --real's images
+    sub = TrainConfig(dataset="digits", seed=100, train_per_class=15, out=str(tmp_path / "sub"))
+    enc_sub = load_encoder(f"classifier:{make_run(tmp_path / 'sub', names, cfg=sub)}", "cpu")
+    with caplog.at_level("WARNING"):
+        annotate_module._warn_other_split(enc_sub, load_real("digits", seed=100), ann)
+    assert "train_per_class" not in caplog.text and caplog.text == ""
+    with caplog.at_level("WARNING"):
+        real_sub = load_real("digits", seed=100, val_fraction=0.3)
+        annotate_module._warn_other_split(enc_sub, real_sub, ann)
+    assert "val_fraction 0.1 (--real: 0.3)" in caplog.text
     caplog.clear()
     same = AnnotateConfig(dataset="syn", real="digits", real_seed=100, encoder=f"classifier:{run}")
     with caplog.at_level("WARNING"):
-        annotate_module._warn_other_split(enc, same)
+        annotate_module._warn_other_split(enc, load_real("digits", seed=100), same)
     assert caplog.text == ""

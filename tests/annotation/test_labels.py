@@ -298,7 +298,8 @@ def test_default_label_mode_is_the_paper_squash_unchanged(toy):
     manifest = read_manifest(out)
     default, explicit = manifest["annotations"]["s4"], manifest["annotations"]["explicit"]
     keys = {"mode", "encoder", "encoder_fingerprint", "squash", "real_dataset", "real_seed"}
-    assert set(default) == keys | {"mismatch_share", "name", "shards"}  # nothing new recorded
+    keys |= {"real_split"}  # provenance (checked by csm train), not a label parameter
+    assert set(default) == keys | {"mismatch_share", "name", "shards"}  # no label fit recorded
     assert [s["sha256"] for s in default["shards"]] == [s["sha256"] for s in explicit["shards"]]
     t = load_synthetic_tensors(f"{out}:s4")
     ca, cb = t.class_a.numpy(), t.class_b.numpy()

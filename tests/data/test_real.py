@@ -184,3 +184,30 @@ def test_run_data_uses_the_subset_and_keeps_val_and_test():
     assert len(sub.train) == 200 and sub.train.class_counts(10) == [20] * 10
     assert torch.equal(sub.val.images, full.val.images)
     assert torch.equal(sub.test.labels, full.test.labels)
+
+
+def test_split_records_and_which_models_saw_only_a_runs_training_images():
+    from csm.data.real import load_real, split_difference, split_record, stratified_subset
+
+    full = load_real("digits", seed=3)
+    sub = load_real("digits", seed=3, train_per_class=5)
+    assert torch.equal(sub.train.images, stratified_subset(full.train, 5, 3).images)
+    assert torch.equal(sub.val.labels, full.val.labels) and len(sub.train) == 50
+    assert sub.split_record() == {
+        "dataset": "digits",
+        "seed": 3,
+        "val_fraction": 0.1,
+        "test_fraction": 0.2,
+        "train_per_class": 5,
+    }
+    run = full.split_record()
+    assert split_difference(run, run) is None
+    assert split_difference(run, sub.split_record()) is None  # a subset of the run's images
+    assert split_difference(sub.split_record(), run) == "train_per_class None (this run: 5)"
+    assert split_difference(sub.split_record(), split_record("digits", 3, train_per_class=9)) == (
+        "train_per_class 9 (this run: 5)"
+    )
+    assert split_difference(run, {"dataset": "digits", "seed": 3}) is None  # older record
+    assert split_difference(run, split_record("digits", 4, 0.3)) == (
+        "seed 4 (this run: 3), val_fraction 0.3 (this run: 0.1)"
+    )

@@ -219,3 +219,26 @@ def test_v_prediction_model_saves_its_prediction_type_and_samples(tmp_path):
         num_inference_steps=2,
     ).images
     assert images.shape[0] == 2 and torch.isfinite(images.float()).all()
+
+
+def test_the_training_split_travels_from_the_generator_to_the_synthetic_data(tmp_path):
+    """fit-diffusion trains on exactly a run's training images (split seed, val fraction,
+    --train-per-class subset), records them, and csm generate copies the record into the
+    dataset, where csm train checks it (csm.training.sampler.check_synthetic_split)."""
+    from csm.data.real import load_real
+    from csm.generation.generate import GenerateConfig, generate
+    from csm.training.sampler import synthetic_splits
+
+    out = tmp_path / "model"
+    fit_diffusion(
+        _cfg(out, steps=2, split_seed=2, val_fraction=0.3, train_per_class=3, image_size=8)
+    )
+    split = json.loads((out / "training_config.json").read_text())["train_split"]
+    want = load_real("digits", seed=2, val_fraction=0.3, train_per_class=3).split_record()
+    assert split == want and want["train_per_class"] == 3
+    syn = tmp_path / "syn"
+    generate(GenerateConfig(model=str(out), out=str(syn), groups=2, steps=1, device="cpu"))
+    assert synthetic_splits(str(syn)) == {"generator": want, "annotation encoder": None}
+    with pytest.raises(CSMError, match="train-per-class 0: give at least 1"):
+        fit_diffusion(_cfg(tmp_path / "bad", train_per_class=0))
+    assert not (tmp_path / "bad").exists()

@@ -57,6 +57,23 @@ def test_cifar_resnet_has_3x3_stem_and_no_max_pool():
     assert sum(p.numel() for p in model.parameters()) == 11_173_962
 
 
+def test_cifar_resnet_width_scales_every_stage_and_round_trips():
+    from csm.training.models import build_model_from_spec, model_spec
+
+    model = build_model("resnet18", 10, 1, 16, [0.5], [0.25], width=32)
+    assert model.stem[0].out_channels == 32 and model.head.in_features == 256
+    convs = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(set(convs)) == [32, 64, 128, 256]
+    full = build_model("resnet18", 10, 1, 16, [0.5], [0.25])
+    n = sum(p.numel() for p in model.parameters())
+    assert 0.24 < n / sum(p.numel() for p in full.parameters()) < 0.26  # a quarter (conv c^2)
+    spec = model_spec("resnet18", 10, 1, 16, [0.5], [0.25], width=32)
+    again = build_model_from_spec(spec)
+    assert again.head.in_features == 256
+    with pytest.raises(CSMError, match="width=0: give at least 1"):
+        build_model("resnet18", 10, 1, 16, [0.5], [0.25], width=0)
+
+
 def test_normalisation_is_inside_the_model_and_saved_with_the_weights():
     torch.manual_seed(0)
     mean, std = [0.3], [0.2]

@@ -64,6 +64,7 @@ def write_synthetic(
     images: torch.Tensor,
     labels: torch.Tensor,
     group_size: int = 4,
+    info: dict | None = None,
 ) -> Path:
     """A synthetic dataset in csm's format: one group per class pair, pixel blends of class means.
 
@@ -78,7 +79,8 @@ def write_synthetic(
         for value in lams:
             imgs.append((value * means[a] + (1 - value) * means[b]).round().to(torch.uint8))
             ca.append(a), cb.append(b), lam.append(float(value)), gid.append(g), seed.append(g)
-    writer = SyntheticWriter(out, class_names, {"group_size": group_size}, len(pairs), len(pairs))
+    params = {"group_size": group_size, **(info or {})}
+    writer = SyntheticWriter(out, class_names, params, len(pairs), len(pairs))
     writer.write_shard(0, torch.stack(imgs), ca, cb, lam, gid, seed)
     writer.finalize()
     return out
@@ -285,6 +287,25 @@ def test_select_metric_last_keeps_the_final_epoch(tmp_path):
     assert info["val"]["val/cls/Acc"] == float(rows[-1]["val/cls/Acc"])
 
 
+def test_val_every_validates_every_nth_and_the_last_epoch(tmp_path):
+    """--val-every 2 over 5 epochs: val metrics at epochs 2, 4 and 5 only, selection among them;
+    the trained weights are those of a run validating every epoch (validation draws nothing)."""
+    cfg = tiny(tmp_path / "every", epochs=5, batch_size=128, schedule="constant", lr=0.03)
+    run = train(dataclasses.replace(cfg, val_every=2))
+    rows = read_rows(run)
+    assert [r["epoch"] for r in rows if r.get("val/cls/Acc")] == ["2", "4", "5"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["best_epoch"] in (2, 4, 5)
+    full = train(dataclasses.replace(cfg, out=str(tmp_path / "full"), select_metric="last"))
+    last = train(
+        dataclasses.replace(cfg, out=str(tmp_path / "lastonly"), select_metric="last", val_every=5)
+    )
+    assert read_rows(last)[-1]["val/cls/Acc"] == read_rows(full)[-1]["val/cls/Acc"]
+    assert [r["epoch"] for r in read_rows(last) if r.get("val/cls/Acc")] == ["5"]
+    with pytest.raises(CSMError, match="--val-every 0: out of range; give at least 1"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "bad"), val_every=0))
+
+
 def test_checkpoint_is_accelerate_state_plus_loop_and_method_state(tmp_path):
     run = train(tiny(tmp_path / "c", method="crl", epochs=1))
     names = {p.name for p in (run / "checkpoints" / "last").iterdir()}
@@ -390,6 +411,33 @@ def test_cli_synthetic_with_other_classes(tmp_path, digits8, capsys):
     )
     assert code == 2
     assert "differ from the real dataset" in capsys.readouterr().err
+
+
+def test_cli_refuses_synthetic_from_a_generator_of_another_split(tmp_path, digits8, capsys):
+    """A generator fitted on split seed 1 saw test images of split 0: refused before any write,
+    unless --allow-split-mismatch; a --train-per-class run refuses a generator of the whole
+    split (it saw more real images than the run)."""
+    from csm.data.real import split_record
+
+    imgs, labels = digits8.train.images, digits8.train.labels
+    other = {"train_split": split_record("digits", 1)}
+    syn = write_synthetic(tmp_path / "syn", digits8.class_names, imgs, labels, info=other)
+    flags = ["train", "--dataset", "digits", "--image-size", "8", "--method", "csm"]
+    flags += ["--model-options", "width=8", "--epochs", "1", "--synthetic", str(syn)]
+    assert main([*flags, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"--synthetic {syn}: its generator was trained on another split of digits" in err
+    assert "seed 1 (this run: 0)" in err and "--allow-split-mismatch" in err
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "allowed"
+    assert main([*flags, "--out", str(out), "--allow-split-mismatch"]) == 0
+    assert (out / "model.safetensors").is_file()
+    whole = {"train_split": split_record("digits", 0)}
+    syn0 = write_synthetic(tmp_path / "syn0", digits8.class_names, imgs, labels, info=whole)
+    flags[-1] = str(syn0)
+    assert main([*flags, "--train-per-class", "5", "--out", str(tmp_path / "sub")]) == 2
+    assert "train_per_class None (this run: 5)" in capsys.readouterr().err
+    assert main([*flags, "--out", str(tmp_path / "same")]) == 0
 
 
 def test_cli_trains_and_prints_a_summary(tmp_path, capsys):

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Issue 15: the full re-run of one embedded dataset in one regime, from nothing to
+# eval/results/<dataset>-<regime>/ (results.csv, leaderboard with the paired comparison against
+# CE and the sanity section, reliability and risk-coverage figures).
+#
+#   regime converged      train/<dataset>_converged.yaml: the small CNN trained to convergence
+#   regime overconfident  train/<dataset>_overconfident.yaml: a CIFAR ResNet-18 (width 32) on a
+#                         15-per-class subset, no weight decay or augmentation, trained to zero
+#                         loss: CE's OE clearly exceeds its UE and TS at least halves its ECE
+#
+# Protocol (fixed before any run, nothing chosen on test):
+#   * every seed s draws its own split (data seed s) and every model behind the synthetic data of
+#     split s is trained on exactly the runs' training images of split s: the generator
+#     (csm fit-diffusion --split-seed s --val-fraction/--train-per-class of the recipe) and the
+#     annotation encoder (csm train --config <recipe> --seed 100 --data-seed s); csm train refuses
+#     synthetic data whose recorded split differs (csm.training.sampler.check_synthetic_split);
+#   * the calibrators are fitted on val (30% of the non-test images), its size and error count
+#     per run are in the leaderboard's sanity section (runs under 20 errors are flagged);
+#   * CSM's label mode is the one chosen on validation by the mixing ablations
+#     (eval/results/*-mixing-ablations/summary.md, CSM_LABEL below).
+#
+# usage: bash eval/regimes.sh digits|mnist5k converged|overconfident [PARALLEL]
+#   WORK (default .cache/regimes) holds generators, synthetic data and encoders; SEEDS (5);
+#   METHODS (default: the methods the CSM paper compares against, plus CE and CSM; "all": all 16);
+#   PARALLEL=2 trains in two worker processes sharing a queue of methods; STAGE=fit fits only the
+#   generators and encoders (they do not depend on CSM's label choice).
+# Every step skips finished work: rerun the same command to resume (also after kill -9).
+set -euo pipefail
+DATASET=${1:?usage: bash eval/regimes.sh digits|mnist5k converged|overconfident [PARALLEL]}
+REGIME=${2:?usage: bash eval/regimes.sh digits|mnist5k converged|overconfident [PARALLEL]}
+PARALLEL=${3:-1}
+WORK=${WORK:-.cache/regimes}/$DATASET-$REGIME
+SEEDS=${SEEDS:-5}
+METHODS=${METHODS:-ce ls focal flsd53 mmce mbls mixup regmixup rankmixup csm}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+RECIPE=train/${DATASET}_$REGIME.yaml
+[ -f "$RECIPE" ] || { echo "regimes.sh: no recipe $RECIPE; use digits|mnist5k converged|overconfident" >&2; exit 2; }
+case "$DATASET" in
+  # the generator settings that meet the quality goals (eval/results/generator-quality/)
+  digits) GEN_ARGS=(--steps 1500); NGROUPS=512; GUIDANCE=2 ;;
+  mnist5k) GEN_ARGS=(--steps 3000 --prediction-type v_prediction --snr-gamma 5); NGROUPS=384
+           GUIDANCE=2 ;;
+  *) echo "regimes.sh: unknown dataset $DATASET; use digits or mnist5k" >&2; exit 2 ;;
+esac
+# CSM's configuration, chosen on validation by the mixing ablations (their summary.md names it)
+CSM_LABEL=${CSM_LABEL:-s4}  # s4 | judge-ts | pair-fit
+CSM_SCHEDULE=${CSM_SCHEDULE:-uniform}  # uniform | targeted (from a 90-group pilot per split)
+case "$CSM_LABEL" in
+  s4) LABEL_ARGS=(--squash 4) ;;
+  judge-ts) LABEL_ARGS=(--label-mode judge) ;;
+  pair-fit) LABEL_ARGS=(--label-mode pair-fit) ;;
+  *) echo "regimes.sh: CSM_LABEL=$CSM_LABEL; use s4, judge-ts or pair-fit" >&2; exit 2 ;;
+esac
+case "$CSM_SCHEDULE" in uniform|targeted) ;; *) echo "regimes.sh: CSM_SCHEDULE=$CSM_SCHEDULE; use uniform or targeted" >&2; exit 2 ;; esac
+OUT=eval/results/$DATASET-$REGIME
+# the split options of the recipe, passed to every model behind the synthetic data
+read -r VAL_FRACTION PER_CLASS < <(python -c "import yaml; c = yaml.safe_load(open('$RECIPE'))
+print(c.get('val_fraction', 0.1), c.get('train_per_class') or '')")
+SPLIT=(--val-fraction "$VAL_FRACTION"); REAL_SPLIT=(--real-val-fraction "$VAL_FRACTION")
+if [ -n "$PER_CLASS" ]; then SPLIT+=(--train-per-class "$PER_CLASS"); REAL_SPLIT+=(--real-train-per-class "$PER_CLASS"); fi
+
+finished() { [ -f "$1/csm_synthetic.json" ] && python -c "import json,sys; sys.exit(0 if json.load(open('$1/csm_synthetic.json')).get('finalized') else 1)"; }
+has_annotation() { [ -f "$1/csm_synthetic.json" ] && python -c "import json,sys; sys.exit(0 if '$2' in (json.load(open('$1/csm_synthetic.json')).get('annotations') or {}) else 1)"; }
+
+label() {  # label DIR D ENCODER: the chosen annotation of DIR, with the real split of D
+  has_annotation "$1" "$CSM_LABEL" || csm annotate "$1" --real "$DATASET" --real-seed "$2" \
+    "${REAL_SPLIT[@]}" --encoder "classifier:$3" --name "$CSM_LABEL" "${LABEL_ARGS[@]}" \
+    --device cpu
+}
+fit_split() {  # fit_split D: the generator and the annotation encoder of split D
+  local d=$1 gen=$WORK/d$1/gen enc=$WORK/d$1/encoder-ce-seed100
+  [ -f "$gen/model_index.json" ] || csm fit-diffusion --dataset "$DATASET" --preset small \
+    --seed "$d" --split-seed "$d" "${SPLIT[@]}" "${GEN_ARGS[@]}" --num-threads 1 --out "$gen" \
+    $( [ -d "$gen" ] && echo --resume )
+  [ -f "$enc/model.safetensors" ] || csm train --config "$RECIPE" --seed 100 --data-seed "$d" \
+    --out "$enc" --overwrite
+}
+build_split() {  # build_split D: generator, encoder, synthetic data and labels of split D
+  local d=$1 gen=$WORK/d$1/gen syn=$WORK/d$1/syn enc=$WORK/d$1/encoder-ce-seed100
+  local pilot=$WORK/d$1/pilot schedule=()
+  fit_split "$d"
+  if [ "$CSM_SCHEDULE" = targeted ]; then  # every pair of 10 classes twice, uniform grid
+    finished "$pilot" || csm generate --model "$gen" --out "$pilot" --groups 90 --steps 25 \
+      --guidance "$GUIDANCE" --seed "$((d + 1000))" --device cpu $( [ -d "$pilot" ] && echo --resume )
+    label "$pilot" "$d" "$enc"
+    schedule=(--lambda-schedule targeted --pilot "$pilot:$CSM_LABEL")
+  fi
+  finished "$syn" || csm generate --model "$gen" --out "$syn" --groups "$NGROUPS" --steps 25 \
+    --guidance "$GUIDANCE" --seed "$d" --device cpu "${schedule[@]}" \
+    $( [ -d "$syn" ] && echo --resume )
+  label "$syn" "$d" "$enc"
+}
+
+if [ "${STAGE:-all}" = fit ]; then  # STAGE=fit: only the models (before CSM's label is chosen)
+  for d in $(seq 0 $((SEEDS - 1))); do fit_split "$d"; done
+  exit 0
+fi
+
+BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --train-config "$RECIPE"
+       --synthetic "$WORK/d{data_seed}/syn:$CSM_LABEL" --out "$OUT")
+train_queue() {  # train_queue CLAIMS METHOD...: claim each unclaimed method and train its seeds
+  local claims=$1 m; shift
+  for m in "$@"; do
+    mkdir "$claims/$m" 2>/dev/null || continue
+    csm benchmark "${BENCH[@]}" --methods "$m" --calibrators ts --corruptions none --plots false
+  done
+}
+PLAIN=$(for m in $METHODS; do [ "$m" = csm ] || echo "$m"; done)
+if [ "$PARALLEL" -gt 1 ]; then
+  # worker 1 builds every split's synthetic data (one core), then trains csm and joins the queue;
+  # worker 2 starts at once on the methods that need no synthetic data
+  CLAIMS=$(mktemp -d); trap 'rm -rf "$CLAIMS"' EXIT
+  ( for d in $(seq 0 $((SEEDS - 1))); do build_split "$d"; done
+    case " $METHODS " in *" csm "*) train_queue "$CLAIMS" csm ;; esac
+    train_queue "$CLAIMS" $PLAIN ) &
+  p1=$!
+  train_queue "$CLAIMS" $PLAIN &
+  p2=$!
+  wait "$p1"; wait "$p2"
+else
+  for d in $(seq 0 $((SEEDS - 1))); do build_split "$d"; done
+fi
+# one evaluation of every run: all calibrators, clean + every corruption, paired against CE
+# shellcheck disable=SC2086
+time csm benchmark "${BENCH[@]}" --methods $METHODS --calibrators all --corruptions all
+mkdir -p "$OUT/annotation"
+for d in $(seq 0 $((SEEDS - 1))); do
+  cp "$WORK/d$d/syn/annotations/$CSM_LABEL/annotation_report.png" "$OUT/annotation/d$d-report.png"
+done
+cp "$WORK/d0/syn/README.md" "$OUT/annotation/dataset_card_d0.md"
+cp "$WORK/d0/gen/samples.png" "$OUT/annotation/diffusion_samples_d0.png"
+python eval/summarize.py
