@@ -24,7 +24,10 @@ per-image cost at a larger forward batch.
 On the CPU the steps run inside :class:`csm.training.trainer.CPUHeapReuse`, as ``csm train`` runs
 them: without it glibc gives every tensor of 32 MiB or more fresh ``mmap`` pages that the kernel
 zero-fills on each step, so the per-image cost grows with the batch (page faults, counted in the
-process CPU time). ``--no-heap-reuse`` times the steps without it. On the CPU each row also gives
+process CPU time). ``--no-heap-reuse`` times the steps without it. Like the ``csm`` command
+(:func:`csm.cli.cpu_allocator_defaults`) the bench turns on PyTorch's transparent-huge-page CPU
+allocations before torch is imported; ``THP_MEM_ALLOC_ENABLE=0`` in the environment times
+without them. On the CPU each row also gives
 the user and system CPU time and the minor page faults per forwarded image (``resource.getrusage``).
 
 ``--gpu-recipe`` (CUDA only) times the paper's CIFAR ResNet-50 step (batch 128, 32x32) for a
@@ -47,17 +50,21 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+from csm.cli import cpu_allocator_defaults
 
-from csm.config import resolve_config
-from csm.data.augment import Augment
-from csm.training.config import TrainConfig
-from csm.training.methods import METHODS, Batch, StepState, build_method
-from csm.training.models import build_model
-from csm.training.optim import make_optimizer
-from csm.training.sampler import SyntheticSampler
-from csm.training.sharding import augment_rows
-from csm.training.trainer import CPUHeapReuse, StepModule, training_step
+THP = cpu_allocator_defaults()  # before torch is imported, as the csm command does
+
+import torch  # noqa: E402
+
+from csm.config import resolve_config  # noqa: E402
+from csm.data.augment import Augment  # noqa: E402
+from csm.training.config import TrainConfig  # noqa: E402
+from csm.training.methods import METHODS, Batch, StepState, build_method  # noqa: E402
+from csm.training.models import build_model  # noqa: E402
+from csm.training.optim import make_optimizer  # noqa: E402
+from csm.training.sampler import SyntheticSampler  # noqa: E402
+from csm.training.sharding import augment_rows  # noqa: E402
+from csm.training.trainer import CPUHeapReuse, StepModule, training_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -260,6 +267,7 @@ def bench_methods(args: argparse.Namespace) -> dict:
         "bf16": args.bf16 and device.type == "cuda",
         "channels_last": args.channels_last and device.type == "cuda",
         "cpu_heap_reuse": heap_reused,
+        "cpu_huge_pages": THP,
         "results": results,
     }
     if "csm" in results:

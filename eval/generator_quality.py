@@ -46,9 +46,11 @@ def table(folder: Path) -> str:
     lines = [
         "# Generator quality (csm inspect)",
         "",
-        f"Goals: {GOALS}. Judge: a CE classifier of its own (seed 100); real test recognition "
-        "is the judge's accuracy on real test images. 90 groups x 5 λ per row, DDIM 25 steps, "
-        "seed 0. Regenerate: `bash eval/generator_quality.sh`.",
+        f"Goals: {GOALS}. Judge: a CE classifier of its own (seed 100; on digits trained on "
+        "split 0, on mnist5k on split 100, whose training images include some of split 0's test "
+        "images, so mnist5k's real-test figure is an upper bound); real test recognition is the "
+        "judge's accuracy on real test images. 90 groups x 5 λ per row, DDIM 25 steps, seed 0. "
+        "Regenerate: `bash eval/generator_quality.sh`.",
         "",
         "| model | guidance | recognition (real test) | worst class | monotone % | flipped % "
         "| diversity pixel / feature | KS judge | goals met |",

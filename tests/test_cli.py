@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +96,36 @@ def _main_exit(args: list[str]) -> int:
         return main(args)
     except SystemExit as exc:
         return int(exc.code)
+
+
+def _thp_probe(env: dict[str, str]) -> tuple[str, int]:
+    """In a fresh process: run a csm command, then report the variable and the minor page
+    faults of filling a new 40 MiB CPU tensor (10,240 with 4 KiB pages)."""
+    code = (
+        "import os, resource; from csm.cli import main; main(['data', 'info', 'digits']); "
+        "import torch; t = torch.empty(10 * 2**20); "
+        "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt; t.fill_(1.0); "
+        "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f; "
+        "print(os.environ.get('THP_MEM_ALLOC_ENABLE'), f)"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE",)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=base | env, capture_output=True, text=True, check=True
+    )
+    value, faults = out.stdout.split()[-2:]
+    return value, int(faults)
+
+
+def _thp_available() -> bool:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.is_file() and "[never]" not in path.read_text()
+
+
+def test_csm_commands_turn_on_pytorch_huge_page_cpu_allocations():
+    value, faults = _thp_probe({})
+    assert value == "1"
+    if _thp_available():  # huge pages: a 40 MiB tensor takes ~20 faults of 2 MiB, not 10,240
+        assert faults < 10240 // 4
+    assert _thp_probe({"THP_MEM_ALLOC_ENABLE": "0"})[0] == "0"  # the user's value wins
+    value, faults = _thp_probe({"CSM_CPU_HEAP_REUSE": "0"})  # opted out: 4 KiB pages
+    assert value == "None" and faults >= 10240
