@@ -74,6 +74,13 @@ class GenerateConfig:
             "csm annotate (NAME: which annotation; default the active one)"
         },
     )
+    lambda_ends: str = field(
+        default="fixed",
+        metadata={
+            "help": "targeted: fixed (each group keeps its pure ends, lambda = 0 and 1, the CSM "
+            "sampler's endpoints) or targeted (every member placed, the ends too)"
+        },
+    )
     pilot_strict: bool = field(
         default=False,
         metadata={
@@ -266,11 +273,18 @@ def _check(cfg: GenerateConfig) -> None:
 
 
 def _check_schedule(cfg: GenerateConfig) -> None:
-    from csm.generation.schedule import SCHEDULES
+    from csm.generation.schedule import LAMBDA_ENDS, SCHEDULES
 
     if cfg.lambda_schedule not in SCHEDULES:
         raise CSMError(
             f"--lambda-schedule {cfg.lambda_schedule!r}: choose one of {', '.join(SCHEDULES)}"
+        )
+    if cfg.lambda_ends not in LAMBDA_ENDS:
+        raise CSMError(f"--lambda-ends {cfg.lambda_ends!r}: choose {' or '.join(LAMBDA_ENDS)}")
+    if cfg.lambda_ends != "fixed" and (cfg.lambda_schedule != "targeted" or cfg.from_card):
+        raise CSMError(
+            f"--lambda-ends {cfg.lambda_ends}: only used when fitting --lambda-schedule targeted "
+            "from --pilot (a --from-card run takes the card's table); drop it or add both"
         )
     if cfg.lambda_schedule == "targeted" and not cfg.pilot and not cfg.from_card:
         raise CSMError(
@@ -316,7 +330,9 @@ def resolve_schedule(
         where = f"--from-card {cfg.from_card}"
         return schedule_from_record(record, len(names), cfg.group_size, where)
     check_pilot(pilot, names, image_shape(pipe), info)
-    return fit_schedule(pilot, cfg.groups, cfg.group_size, strict=cfg.pilot_strict)
+    return fit_schedule(
+        pilot, cfg.groups, cfg.group_size, strict=cfg.pilot_strict, ends=cfg.lambda_ends
+    )
 
 
 def _check_resume_schedule(cfg: GenerateConfig, info: dict[str, Any]) -> None:

@@ -11,8 +11,10 @@ annotated synthetic dataset of the same generator. For every class pair (a, b) i
    mean), linearly interpolated between the pilot's λ values (:class:`MonotoneCurve`);
 2. places the group's ``G`` ratios at ``λ_j = f⁻¹(t_j)`` for ``G`` targets ``t_j`` evenly spaced
    over the achievable range ``[f(0), f(1)]`` (:func:`targeted_lambdas`). The ends stay
-   ``λ = 0`` and ``λ = 1`` exactly, so the pure endpoints the CSM sampler uses stay pure. Where
-   ``f`` is flat at a target, ``f⁻¹`` takes the middle of the flat stretch.
+   ``λ = 0`` and ``λ = 1`` exactly, so the pure endpoints the CSM sampler uses stay pure;
+   ``--lambda-ends targeted`` places all ``G`` at the midpoint targets instead, so that the whole
+   set (a quarter of which are the ends at G = 8) spreads evenly. Where ``f`` is flat at a
+   target, ``f⁻¹`` takes the middle of the flat stretch.
 
 A pair the pilot cannot target (no images, one λ only, or ``f(1) - f(0) <`` :data:`MIN_RANGE`)
 keeps the uniform grid with a warning that names it (``--pilot-strict``: an error). The fitted
@@ -58,10 +60,13 @@ __all__ = [
     "read_pilot",
     "schedule_from_record",
     "targeted_lambdas",
+    "LAMBDA_ENDS",
 ]
 
 #: Values of ``csm generate --lambda-schedule``.
 SCHEDULES = ("uniform", "targeted")
+#: Values of ``csm generate --lambda-ends`` (:func:`targeted_lambdas`).
+LAMBDA_ENDS = ("fixed", "targeted")
 #: A pair whose fitted curve rises by less than this from λ = 0 to λ = 1 is not targeted.
 MIN_RANGE = 0.05
 #: Decimals the targeted ratios are rounded to (recorded as plain JSON numbers).
@@ -69,6 +74,10 @@ DECIMALS = 6
 METHOD = (
     "per pair: isotonic (PAV) fit of lambda -> soft[a] on the pilot, linear interpolation; "
     "lambda_j = f^-1(t_j), t_j evenly spaced over [f(0), f(1)], ends fixed at 0 and 1"
+)
+METHOD_ENDS_TARGETED = (
+    "per pair: isotonic (PAV) fit of lambda -> soft[a] on the pilot, linear interpolation; "
+    "lambda_j = f^-1(t_j), t_j = f(0) + (j + 1/2)/G (f(1) - f(0)) for j = 0..G-1 (ends targeted)"
 )
 
 
@@ -237,21 +246,39 @@ def _lerp(x0: np.ndarray, x1: np.ndarray, y0: np.ndarray, y1: np.ndarray, t: np.
 
 
 def targeted_lambdas(
-    curve: MonotoneCurve, group_size: int, min_range: float = MIN_RANGE
+    curve: MonotoneCurve, group_size: int, min_range: float = MIN_RANGE, ends: str = "fixed"
 ) -> tuple[float, ...] | None:
     """The ``G`` ratios that put ``curve``'s values evenly over ``[f(0), f(1)]``.
 
+    Args:
+        curve: The pair's fitted curve ``f: λ -> soft[a]``.
+        group_size: ``G``.
+        min_range: Smallest ``f(1) - f(0)`` worth targeting.
+        ends: ``fixed`` (default): the ends stay ``λ = 0`` and ``λ = 1``, pure images of each
+            class, the endpoints the CSM sampler takes (``--syn-endpoint``), and the ``G - 2``
+            interior targets are ``t_j = f(0) + j/(G-1) (f(1) - f(0))``. ``targeted``: all ``G``
+            are placed, at the midpoints ``t_j = f(0) + (j + 1/2)/G (f(1) - f(0))``, the ``G``
+            points of ``[f(0), f(1)]`` closest to uniform in KS distance (``1/(2G)``); no image is
+            then pure (the sampler's endpoint becomes the most one-sided member), so the whole
+            set, not only the interior, spreads evenly.
+
     Returns:
-        ``(0, f⁻¹(t_1), ..., f⁻¹(t_{G-2}), 1)`` rounded to :data:`DECIMALS` decimals, with
-        ``t_j = f(0) + j/(G-1) (f(1) - f(0))``; ``None`` when ``f(1) - f(0) < min_range`` (a flat
-        curve: the targets would not tell the images apart).
+        The ratios rounded to :data:`DECIMALS` decimals, non-decreasing; ``None`` when
+        ``f(1) - f(0) < min_range`` (a flat curve: the targets would not tell the images apart).
     """
-    grid = np.asarray(lambdas(group_size))
+    if ends not in LAMBDA_ENDS:
+        raise CSMError(f"--lambda-ends {ends!r}: choose {' or '.join(LAMBDA_ENDS)}")
     f0, f1 = (float(v) for v in curve(np.array([0.0, 1.0])))
     if not f1 - f0 >= min_range:
         return None
-    lam = curve.inverse(f0 + grid[1:-1] * (f1 - f0))
+    if ends == "targeted":
+        targets = (np.arange(group_size) + 0.5) / group_size
+    else:
+        targets = np.asarray(lambdas(group_size))[1:-1]
+    lam = curve.inverse(f0 + targets * (f1 - f0))
     lam = np.maximum.accumulate(np.clip(np.round(lam, DECIMALS), 0.0, 1.0))
+    if ends == "targeted":
+        return tuple(float(v) for v in lam)
     return (0.0, *(float(v) for v in lam), 1.0)
 
 
@@ -484,6 +511,7 @@ def fit_schedule(
     group_size: int,
     strict: bool = False,
     min_range: float = MIN_RANGE,
+    ends: str = "fixed",
 ) -> LambdaSchedule:
     """Fit the targeted schedule of the pairs the first ``groups`` groups use.
 
@@ -493,6 +521,7 @@ def fit_schedule(
         group_size: ``G``.
         strict: Raise instead of falling back to the uniform grid for a pair.
         min_range: Smallest ``f(1) - f(0)`` a pair needs to be targeted.
+        ends: ``fixed`` or ``targeted`` (:func:`targeted_lambdas`; recorded as ``ends``).
 
     Raises:
         CSMError: With ``strict``, a pair the pilot cannot target (named with the reason).
@@ -511,7 +540,7 @@ def fit_schedule(
             curve = MonotoneCurve.fit(pilot.lam[m], pilot.soft_a[m])
             f0, f1 = (float(v) for v in curve(np.array([0.0, 1.0])))
             ranges[key] = [round(f0, DECIMALS), round(f1, DECIMALS)]
-            lam_t = targeted_lambdas(curve, group_size, min_range)
+            lam_t = targeted_lambdas(curve, group_size, min_range, ends)
             if lam_t is None:
                 reason = f"flat curve: soft[a] rises {f1 - f0:.3f} < {min_range} from λ=0 to 1"
             else:
@@ -543,7 +572,7 @@ def fit_schedule(
         )
     record = {
         "mode": "targeted",
-        "method": METHOD,
+        "method": METHOD if ends == "fixed" else METHOD_ENDS_TARGETED,
         "min_range": min_range,
         "group_size": group_size,
         "pilot": {
@@ -560,6 +589,8 @@ def fit_schedule(
         "fallback": fallback,
         "predicted_ks": predicted,
     }
+    if ends != "fixed":  # recorded only when set, so fixed-end records stay what they were
+        record["ends"] = ends
     return LambdaSchedule(group_size, table, json.loads(json.dumps(record)))
 
 

@@ -417,3 +417,19 @@ def test_two_processes_targeted_equal_one(targeted_run, model_dir, pilot, tmp_pa
         "--device", "cpu", "--lambda-schedule", "targeted", "--pilot", str(pilot),
     )  # fmt: skip
     assert _files(out) == _files(targeted_run)  # each process fits the same schedule
+
+
+def test_targeted_ends_move_every_member_and_are_refused_without_a_fit(model_dir, pilot, tmp_path):
+    out = tmp_path / "free"
+    generate(
+        _cfg(model_dir, out, lambda_schedule="targeted", pilot=str(pilot), lambda_ends="targeted")
+    )
+    rec = read_manifest(out)["params"]["info"]["lambda_schedule"]
+    assert rec["ends"] == "targeted"
+    cols, _ = _rows(out)
+    lam = np.asarray(cols["lam"])
+    assert lam.min() > 0.0 and lam.max() < 1.0  # no pure end left
+    np.testing.assert_allclose(lam[:4], rec["pairs"]["{}-{}".format(*pair_for_group(0, 3))])
+    with pytest.raises(CSMError, match="--lambda-ends targeted: only used when fitting"):
+        generate(_cfg(model_dir, tmp_path / "u", lambda_ends="targeted"))
+    assert not (tmp_path / "u").exists()

@@ -140,6 +140,20 @@ def test_targeted_lambdas_invert_a_known_curve():
     np.testing.assert_allclose(targeted_lambdas(squashed, 8), want, atol=2e-3)
 
 
+def test_targeted_ends_place_every_member_at_the_midpoint_targets():
+    lam = np.linspace(0, 1, 201)
+    curve = MonotoneCurve.fit(lam, lam**3)  # soft = λ³: targets (j + 1/2)/G, λ = their cube roots
+    got = targeted_lambdas(curve, 8, ends="targeted")
+    want = ((np.arange(8) + 0.5) / 8) ** (1 / 3)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    assert 0.0 < got[0] and got[-1] < 1.0 and len(got) == 8
+    # the G confidences are the midpoints: KS distance 1/(2G), the least G points can have
+    assert ks_uniform(curve(got)) == pytest.approx(1 / 16, abs=1e-3)
+    assert ks_uniform(curve(targeted_lambdas(curve, 8))) == pytest.approx(1 / 8, abs=1e-3)
+    with pytest.raises(CSMError, match="--lambda-ends 'both': choose fixed or targeted"):
+        targeted_lambdas(curve, 8, ends="both")
+
+
 def test_inverse_of_flat_stretches_and_flat_curves():
     c = MonotoneCurve(np.array([0.0, 0.25, 0.5, 0.75, 1.0]), np.array([0.1, 0.1, 0.5, 0.9, 0.9]))
     # flat at 0.1 on [0, 0.25] and at 0.9 on [0.75, 1]: the middle of the stretch
@@ -169,6 +183,11 @@ def test_targeted_schedule_lowers_the_ks_distance_on_a_known_curve():
         assert lam[0] == 0.0 and lam[-1] == 1.0 and np.all(np.diff(lam) > 0)
         assert lam[1] > 1 / 7 and lam[-2] < 6 / 7  # denser where the curve rises (λ≈0.35)
         assert lam[3] < 3 / 7
+    assert "ends" not in sched.record  # fixed ends: the record is what it always was
+    free = fit_schedule(pilot, groups=3, group_size=8, ends="targeted")
+    assert free.record["ends"] == "targeted" and "ends targeted" in free.record["method"]
+    spread = np.concatenate([s_curve(np.array(v)) for v in free.pairs.values()])
+    assert ks_uniform(spread) < 0.75 * ks_t  # the ends no longer pin 2 of 8 at 0 and 1
     # the group plan takes its pair's ratios from the schedule
     plan = group_plan(4, 3, 0, 8, sched)
     assert plan.lams == sched.pairs[f"{plan.class_a}-{plan.class_b}"]
