@@ -23,7 +23,8 @@
 #   WORK (default .cache/regimes) holds generators, synthetic data and encoders; SEEDS (5);
 #   METHODS (default: the methods the CSM paper compares against, plus CE and CSM; "all": all 16);
 #   PARALLEL=2 trains in two worker processes sharing a queue of methods; STAGE=fit fits only the
-#   generators and encoders (they do not depend on CSM's label choice).
+#   generators and encoders (they do not depend on CSM's label choice). A smoke run at toy size:
+#   OUT=/tmp/r/digits-overconfident SEEDS=1 METHODS="ce csm" GEN_STEPS=20 NGROUPS=45 EPOCHS=1.
 # Every step skips finished work: rerun the same command to resume (also after kill -9).
 set -euo pipefail
 DATASET=${1:?usage: bash eval/regimes.sh digits|mnist5k converged|overconfident [PARALLEL]}
@@ -37,11 +38,14 @@ RECIPE=train/${DATASET}_$REGIME.yaml
 [ -f "$RECIPE" ] || { echo "regimes.sh: no recipe $RECIPE; use digits|mnist5k converged|overconfident" >&2; exit 2; }
 case "$DATASET" in
   # the generator settings that meet the quality goals (eval/results/generator-quality/)
-  digits) GEN_ARGS=(--steps 1500); NGROUPS=512; GUIDANCE=2 ;;
-  mnist5k) GEN_ARGS=(--steps 3000 --prediction-type v_prediction --snr-gamma 5); NGROUPS=384
+  digits) GEN_ARGS=(--steps 1500); GROUPS_DEFAULT=512; GUIDANCE=2 ;;
+  mnist5k) GEN_ARGS=(--steps 3000 --prediction-type v_prediction --snr-gamma 5); GROUPS_DEFAULT=384
            GUIDANCE=2 ;;
   *) echo "regimes.sh: unknown dataset $DATASET; use digits or mnist5k" >&2; exit 2 ;;
 esac
+[ -n "${GEN_STEPS:-}" ] && GEN_ARGS=(--steps "$GEN_STEPS" "${GEN_ARGS[@]:2}")
+NGROUPS=${NGROUPS:-$GROUPS_DEFAULT}
+EPOCH_ARGS=(); [ -n "${EPOCHS:-}" ] && EPOCH_ARGS=(--epochs "$EPOCHS")
 # CSM's configuration, chosen on validation by the mixing ablations (their summary.md names it)
 CSM_LABEL=${CSM_LABEL:-s4}  # s4 | judge-ts | pair-fit
 CSM_SCHEDULE=${CSM_SCHEDULE:-uniform}  # uniform | targeted (from a 90-group pilot per split)
@@ -52,7 +56,7 @@ case "$CSM_LABEL" in
   *) echo "regimes.sh: CSM_LABEL=$CSM_LABEL; use s4, judge-ts or pair-fit" >&2; exit 2 ;;
 esac
 case "$CSM_SCHEDULE" in uniform|targeted) ;; *) echo "regimes.sh: CSM_SCHEDULE=$CSM_SCHEDULE; use uniform or targeted" >&2; exit 2 ;; esac
-OUT=eval/results/$DATASET-$REGIME
+OUT=${OUT:-eval/results/$DATASET-$REGIME}
 # the split options of the recipe, passed to every model behind the synthetic data
 read -r VAL_FRACTION PER_CLASS < <(python -c "import yaml; c = yaml.safe_load(open('$RECIPE'))
 print(c.get('val_fraction', 0.1), c.get('train_per_class') or '')")
@@ -73,7 +77,7 @@ fit_split() {  # fit_split D: the generator and the annotation encoder of split 
     --seed "$d" --split-seed "$d" "${SPLIT[@]}" "${GEN_ARGS[@]}" --num-threads 1 --out "$gen" \
     $( [ -d "$gen" ] && echo --resume )
   [ -f "$enc/model.safetensors" ] || csm train --config "$RECIPE" --seed 100 --data-seed "$d" \
-    --out "$enc" --overwrite
+    "${EPOCH_ARGS[@]}" --out "$enc" --overwrite
 }
 build_split() {  # build_split D: generator, encoder, synthetic data and labels of split D
   local d=$1 gen=$WORK/d$1/gen syn=$WORK/d$1/syn enc=$WORK/d$1/encoder-ce-seed100
@@ -96,7 +100,7 @@ if [ "${STAGE:-all}" = fit ]; then  # STAGE=fit: only the models (before CSM's l
   exit 0
 fi
 
-BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --train-config "$RECIPE"
+BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --train-config "$RECIPE" "${EPOCH_ARGS[@]}"
        --synthetic "$WORK/d{data_seed}/syn:$CSM_LABEL" --out "$OUT")
 train_queue() {  # train_queue CLAIMS METHOD...: claim each unclaimed method and train its seeds
   local claims=$1 m; shift
@@ -129,4 +133,6 @@ for d in $(seq 0 $((SEEDS - 1))); do
 done
 cp "$WORK/d0/syn/README.md" "$OUT/annotation/dataset_card_d0.md"
 cp "$WORK/d0/gen/samples.png" "$OUT/annotation/diffusion_samples_d0.png"
-python eval/summarize.py
+# the repository's README headline is rewritten only from the repository's results
+if [ "$(dirname "$OUT")" = eval/results ]; then python eval/summarize.py
+else python eval/summarize.py --results "$(dirname "$OUT")" --readme "$(dirname "$OUT")/README.md"; fi

@@ -376,7 +376,7 @@ def ablations(results: Path) -> str:
 
 def write_readme(readme: Path, block: list[str]) -> None:
     """Replace the README's headline block (between the markers) with ``block``."""
-    text = readme.read_text()
+    text = readme.read_text() if readme.is_file() else ""
     if README_START not in text or README_END not in text:
         logger.warning("%s: no %s ... %s block, not rewritten", readme, README_START, README_END)
         return
