@@ -6,6 +6,7 @@
 #   judge-ts    the same images, --label-mode judge (T fitted on real val)    (DIR:judge-ts)
 #   pair-fit    the same images, --label-mode pair-fit (s, t per pair, real val) (DIR:pair-fit)
 #   targeted    improved generator, --lambda-schedule targeted from a pilot, s4
+#   (and, spread only: the targeted schedule with --lambda-ends targeted)
 #   old-gen     the old generator (preset small, epsilon, OLD_STEPS), uniform λ, s4
 # plus CE on the same split. Each CSM variant is evaluated together with the CE runs, so its
 # paired.csv holds the per-seed differences to CE with bootstrap intervals (csm evaluate).
@@ -66,10 +67,16 @@ if [ ${#OLD_ARGS[@]} -gt 0 ]; then
   generate "$OLD" "$WORK/syn-old" "$NGROUPS"
   annotate "$WORK/syn-old" s4 --squash 4
 fi
-# the confidence spread of the uniform and the targeted grid, the generator reports
-for name in syn syn-targeted; do
+# the same targeted schedule with every member placed, the ends too (--lambda-ends targeted):
+# only its confidence spread is measured (its groups have no pure endpoint for the CSM sampler)
+generate "$NEW" "$WORK/syn-targeted-ends" "$NGROUPS" --lambda-schedule targeted \
+  --lambda-ends targeted --pilot "$WORK/pilot:s4"
+annotate "$WORK/syn-targeted-ends" s4 --squash 4
+# the confidence spread of the uniform and the targeted grids, the generator reports
+for name in syn syn-targeted syn-targeted-ends; do
   [ -f "$OUT/inspect-$name/inspect.json" ] || csm inspect "$WORK/$name:s4" \
     --judge "classifier:$ENCODER" --out "$OUT/inspect-$name" --device cpu
+  rm -rf "$OUT/inspect-$name/samples" "$OUT/inspect-$name/lambda_sweeps.png"  # regenerable
 done
 
 csm benchmark "${COMMON[@]}" --methods ce --out "$OUT/ce"

@@ -27,6 +27,12 @@ NOTE = (
 )
 VARIANTS = ("base", "judge-ts", "pair-fit", "targeted", "old-gen")
 METRICS = ("cls/Acc", "cal/ECE", "cal/AdaECE")
+#: The inspected datasets whose confidence spread the summary quotes (issue 14, item 4).
+SPREADS = {
+    "syn": "uniform λ grid",
+    "syn-targeted": "targeted λ, ends fixed at 0 and 1",
+    "syn-targeted-ends": "targeted λ, --lambda-ends targeted",
+}
 #: The CSM configuration the regimes re-run uses (eval/regimes.sh CSM_LABEL / CSM_SCHEDULE) is
 #: chosen on validation only, by a rule fixed before the runs: among the variants of the improved
 #: generator, the lowest mean validation ECE of the selected checkpoints (run.json "val").
@@ -117,12 +123,20 @@ def summarize(out: Path) -> str:
     if chosen:
         verdict += f" (eval/regimes.sh CSM_LABEL={label} CSM_SCHEDULE={schedule})"
     spread = []
-    for name in ("syn", "syn-targeted"):
+    base_ks = None
+    for name, what in SPREADS.items():
         path = out / f"inspect-{name}" / "inspect.json"
-        if path.is_file():
-            rep = json.loads(path.read_text()).get("spread", {})
-            ks = rep.get("annotated", {}).get("ks")
-            spread.append(f"- {name}: KS distance of soft[a] to U(0, 1) = {ks}")
+        if not path.is_file():
+            continue
+        ann = json.loads(path.read_text()).get("spread", {}).get("annotated", {})
+        ks, inner = ann.get("ks"), (ann.get("interior") or {}).get("ks")
+        base_ks = base_ks or (ks, inner)
+        line = f"- {name} ({what}): KS distance of soft[a] to U(0, 1) {ks:.3f} over all images"
+        line += f", {inner:.3f} without each group's two ends" if inner is not None else ""
+        if name != "syn" and base_ks[0]:
+            line += f" ({base_ks[0] / ks:.2f}x"
+            line += f", {base_ks[1] / inner:.2f}x)" if inner and base_ks[1] else ")"
+        spread.append(line)
     return (
         "\n".join(
             [

@@ -285,7 +285,10 @@ def mean_pairwise_distance(x: torch.Tensor) -> float | None:
 
 
 def _pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images as rows in [0, 1] scaled so that the L2 distance is an RMS over pixels."""
+    """uint8 images as rows in [0, 1] scaled so that the L2 distance is an RMS over pixels
+    (none: a dataset without pure images, e.g. ``--lambda-ends targeted``)."""
+    if len(images) == 0:
+        return torch.zeros(0, 1, dtype=torch.float64)
     flat = images.reshape(len(images), -1).double() / 255.0
     return flat / math.sqrt(max(1, flat.shape[1]))
 

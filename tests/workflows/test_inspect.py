@@ -175,3 +175,28 @@ def test_spread_compares_a_uniform_and_a_targeted_dataset(model_report, inputs, 
     assert tgt["annotated"]["ks"] < uni["annotated"]["ks"] - 0.1, (uni, tgt)
     middle = [s["annotated"]["per_rank"][1]["mean"] for s in (uni, tgt)]
     assert abs(middle[1] - 0.5) < abs(middle[0] - 0.5)  # the middle image is now near 0.5
+
+
+def test_a_dataset_without_pure_images_is_inspected(model_report, inputs, tmp_path):
+    """--lambda-ends targeted leaves no λ = 0 or 1: recognition and diversity have no samples
+    (None), the spread is still reported."""
+    from csm.generation.generate import GenerateConfig, generate
+    from tests.generation.test_schedule import s_curve, toy_annotate
+
+    gen, judge = inputs
+    pilot = tmp_path / "uniform"
+    shutil.copytree(model_report / "samples", pilot)
+    toy_annotate(pilot, s_curve)
+    free = tmp_path / "free"
+    opts = dict(groups=num_pairs(10), group_size=3, steps=2, device="cpu", pilot=str(pilot))
+    generate(GenerateConfig(model=str(gen), out=str(free), **opts,
+                            lambda_schedule="targeted", lambda_ends="targeted"))  # fmt: skip
+    toy_annotate(free, s_curve)
+    out = tmp_path / "rep"
+    args = ["inspect", str(free), "--judge", f"classifier:{judge}", "--out", str(out)]
+    assert main([*args, "--real", "digits", "--device", "cpu"]) == 0
+    rep = json.loads((out / REPORT_NAME).read_text())
+    assert all(r["n"] == 0 and r["generated"] is None for r in rep["recognition"].values())
+    assert rep["recognition_mean"] is None
+    assert all(d["pixel_generated"] is None for d in rep["diversity"].values())
+    assert rep["spread"]["annotated"]["n"] == rep["num_images"] == 3 * num_pairs(10)
