@@ -24,7 +24,8 @@
 #   METHODS (default: the methods the CSM paper compares against, plus CE and CSM; "all": all 16);
 #   PARALLEL=2 trains in two worker processes sharing a queue of methods; STAGE=fit fits only the
 #   generators and encoders (they do not depend on CSM's label choice). A smoke run at toy size:
-#   OUT=/tmp/r/digits-overconfident SEEDS=1 METHODS="ce csm" GEN_STEPS=20 NGROUPS=45 EPOCHS=1.
+#   OUT=/tmp/r/digits-overconfident SEEDS=1 METHODS="ce csm" GEN_STEPS=20 NGROUPS=45 EPOCHS=1
+#   SAMPLE_STEPS=2 (tests/workflows/test_regimes.py runs it so).
 # Every step skips finished work: rerun the same command to resume (also after kill -9).
 set -euo pipefail
 DATASET=${1:?usage: bash eval/regimes.sh digits|mnist5k converged|overconfident [PARALLEL]}
@@ -45,6 +46,7 @@ case "$DATASET" in
 esac
 [ -n "${GEN_STEPS:-}" ] && GEN_ARGS=(--steps "$GEN_STEPS" "${GEN_ARGS[@]:2}")
 NGROUPS=${NGROUPS:-$GROUPS_DEFAULT}
+SAMPLE_STEPS=${SAMPLE_STEPS:-25}  # DDIM steps per image
 EPOCH_ARGS=(); [ -n "${EPOCHS:-}" ] && EPOCH_ARGS=(--epochs "$EPOCHS")
 # CSM's configuration, chosen on validation by the mixing ablations (their summary.md names it)
 CSM_LABEL=${CSM_LABEL:-s4}  # s4 | judge-ts | pair-fit
@@ -84,12 +86,12 @@ build_split() {  # build_split D: generator, encoder, synthetic data and labels 
   local pilot=$WORK/d$1/pilot schedule=()
   fit_split "$d"
   if [ "$CSM_SCHEDULE" = targeted ]; then  # every pair of 10 classes twice, uniform grid
-    finished "$pilot" || csm generate --model "$gen" --out "$pilot" --groups 90 --steps 25 \
+    finished "$pilot" || csm generate --model "$gen" --out "$pilot" --groups 90 --steps "$SAMPLE_STEPS" \
       --guidance "$GUIDANCE" --seed "$((d + 1000))" --device cpu $( [ -d "$pilot" ] && echo --resume )
     label "$pilot" "$d" "$enc"
     schedule=(--lambda-schedule targeted --pilot "$pilot:$CSM_LABEL")
   fi
-  finished "$syn" || csm generate --model "$gen" --out "$syn" --groups "$NGROUPS" --steps 25 \
+  finished "$syn" || csm generate --model "$gen" --out "$syn" --groups "$NGROUPS" --steps "$SAMPLE_STEPS" \
     --guidance "$GUIDANCE" --seed "$d" --device cpu "${schedule[@]}" \
     $( [ -d "$syn" ] && echo --resume )
   label "$syn" "$d" "$enc"

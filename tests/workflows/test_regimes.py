@@ -1,0 +1,54 @@
+"""eval/regimes.sh end to end at toy size: the issue-15 protocol on one split of digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from csm.data.real import load_real
+from csm.evaluation.leaderboard import read_paired, read_results
+from csm.training.sampler import synthetic_splits
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_regimes_script_runs_the_protocol_on_per_split_models(tmp_path: Path):
+    out = tmp_path / "results" / "digits-overconfident"
+    work = tmp_path / "work"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OUT": str(out),
+        "WORK": str(work),
+        "SEEDS": "1",
+        "METHODS": "ce csm",
+        "GEN_STEPS": "2",
+        "NGROUPS": "45",
+        "EPOCHS": "1",
+        "SAMPLE_STEPS": "2",
+        "CSM_LABEL": "pair-fit",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    cmd = ["bash", str(REPO / "eval" / "regimes.sh"), "digits", "overconfident"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the generator and the annotation encoder of split 0 saw exactly the runs' training images
+    want = load_real("digits", seed=0, val_fraction=0.3, train_per_class=15).split_record()
+    syn = work / "digits-overconfident" / "d0" / "syn"
+    assert synthetic_splits(f"{syn}:pair-fit") == {"generator": want, "annotation encoder": want}
+    rows = read_results(out / "results.csv")
+    assert {r["method"] for r in rows} == {"ce", "csm"}
+    assert {r["calibrator"] for r in rows} >= {"none", "ts"}
+    assert any(r["condition"] != "clean" for r in rows)  # shifted test sets too
+    paired = read_paired(out / "paired.csv")
+    assert {(r["method"], r["reference"]) for r in paired} == {("csm", "ce")}
+    run = json.loads((out / "runs" / "csm" / "seed0" / "run.json").read_text())
+    assert run["num_synthetic"] == 45 * 8 and run["num_train"] == 150
+    head = (out.parent / "headline.md").read_text()
+    assert "## digits, overconfident regime (2 methods x 1 seeds" in head
+    assert "Does CSM calibrate, and against whom:" in head
+    assert (out.parent / "README.md").is_file() is False  # the repository README is untouched
