@@ -57,3 +57,16 @@ def test_sanity_under_confident_and_no_reference():
     rows = [r for r in _rows(0.01, 0.02, 0.03, [40]) if r["method"] != "ce"]
     assert "No ce runs" in format_sanity(rows)
     assert "## Sanity checks" in format_leaderboard(rows)
+
+
+def test_sanity_gives_the_ts_effect_in_the_debiased_estimator_too():
+    rows = _rows(0.04, 0.01, 0.02, [30, 30])
+    for r in rows:  # dECE: 4% and 5% uncalibrated (mean 4.5%), 1% after TS
+        if r["method"] == "ce":
+            r["cal/dECE"] = 0.01 if r["calibrator"] == "ts" else 0.04 + 0.01 * r["seed"]
+    text = format_sanity(rows)
+    assert (
+        "- The same in the debiased estimator (dECE, Kumar et al. 2019): 4.50% → 1.00% (4.50x)"
+        in text
+    )
+    assert "debiased" not in format_sanity(_rows(0.04, 0.01, 0.02, [30, 30]))  # not recorded
