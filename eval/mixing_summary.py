@@ -118,7 +118,9 @@ def summarize(out: Path) -> str:
         lines.append(f"| csm {v} | " + " | ".join(_cells(rows, "csm") + deltas) + " |")
     chosen, candidates = choose_on_val(out)
     label, schedule = CHOICES.get(chosen, ("", ""))
-    partial = len(candidates) < len(CHOICES) or any("(5 seeds)" not in c for c in candidates)
+    seeds = len(val_metric(out, "ce", "ce"))  # every candidate should have CE's seeds
+    counts = [len(val_metric(out, f"csm-{v}", "csm")) for v in CHOICES]
+    partial = any(n < seeds for n in counts)
     verdict = f"- **chosen{' so far (runs missing)' if partial else ''}: {chosen or 'none'}**"
     if chosen:
         verdict += f" (eval/regimes.sh CSM_LABEL={label} CSM_SCHEDULE={schedule})"

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from csm.data.real import split_record
 from csm.errors import CSMError
 from csm.training.inference import Transform, predict
 from csm.training.models import import_transformers
@@ -265,7 +264,7 @@ class ClassifierEncoder(ImageEncoder):
     """Penultimate features of a ``csm train`` run (``forward_features``); also classifies."""
 
     def __init__(self, spec: str, target: str, device: torch.device) -> None:
-        from csm.training.runs import load_run
+        from csm.training.runs import load_run, split_record_for
 
         self.spec = spec
         self.target = target
@@ -280,13 +279,7 @@ class ClassifierEncoder(ImageEncoder):
         self.model = loaded.model.to(device).eval()
         cfg = loaded.config
         #: the split the classifier was trained on (:func:`csm.data.real.split_record`)
-        self.split = split_record(
-            cfg.dataset,
-            cfg.seed if cfg.data_seed is None else cfg.data_seed,
-            cfg.val_fraction,
-            cfg.test_fraction,
-            getattr(cfg, "train_per_class", None),  # absent from older configs
-        )
+        self.split = split_record_for(cfg)
         self._class_names = list(loaded.class_names)
         meta: dict[str, Any] = {}
         if (run_dir / "model.json").is_file():

@@ -51,7 +51,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -398,6 +398,23 @@ def _make_accelerator(cfg: FitDiffusionConfig, batch_size: int) -> tuple[Acceler
     return accelerator, mp
 
 
+#: Options in a checkpoint's identity only where they differ from their default, so checkpoints
+#: written before they existed still resume (their defaults are the config's own).
+_OPTIONAL_IDENTITY = {
+    f.name: f.default
+    for f in fields(FitDiffusionConfig)
+    if f.name
+    in (
+        "prediction_type",
+        "snr_gamma",
+        "split_seed",
+        "val_fraction",
+        "test_fraction",
+        "train_per_class",
+    )
+}
+
+
 def _records(
     cfg: FitDiffusionConfig, r: dict, preset: Preset, data: RealData, hflip: bool
 ) -> tuple[dict, dict]:
@@ -417,9 +434,7 @@ def _records(
     }
     keys = ("dataset_spec", "class_names", "image_shape", "preset", "seed", "steps", "batch_size")
     identity = {key: record[key] for key in keys}
-    defaults = {"prediction_type": "epsilon", "snr_gamma": 0.0, "split_seed": 0}
-    defaults |= {"val_fraction": 0.1, "test_fraction": 0.2, "train_per_class": None}
-    for key, default in defaults.items():
+    for key, default in _OPTIONAL_IDENTITY.items():
         if record[key] != default:  # absent from the identity of checkpoints written before
             identity[key] = record[key]
     return record, identity

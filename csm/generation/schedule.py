@@ -46,6 +46,7 @@ from csm.generation.mixing import lambdas, num_pairs, pair_for_group
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "LAMBDA_ENDS",
     "MIN_RANGE",
     "SCHEDULES",
     "LambdaSchedule",
@@ -60,7 +61,6 @@ __all__ = [
     "read_pilot",
     "schedule_from_record",
     "targeted_lambdas",
-    "LAMBDA_ENDS",
 ]
 
 #: Values of ``csm generate --lambda-schedule``.

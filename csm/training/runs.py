@@ -175,17 +175,32 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     return LoadedRun(model.eval(), config, list(class_names), run_dir, info)
 
 
+def split_record_for(cfg: TrainConfig) -> dict[str, Any]:
+    """The training split of the run with config ``cfg`` (:func:`csm.data.real.split_record`):
+    what :func:`real_data_for` loads, and what an encoder or a check compares against."""
+    from csm.data.real import split_record
+
+    return split_record(
+        cfg.dataset,
+        cfg.seed if cfg.data_seed is None else cfg.data_seed,
+        cfg.val_fraction,
+        cfg.test_fraction,
+        getattr(cfg, "train_per_class", None),  # absent from configs of older runs
+    )
+
+
 def real_data_for(cfg: TrainConfig):
     """Load the real dataset exactly as the run with config ``cfg`` saw it (same splits)."""
     from csm.data.real import load_real
 
+    split = split_record_for(cfg)
     return load_real(
-        cfg.dataset,
+        split["dataset"],
         image_size=cfg.image_size,
-        seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        train_per_class=getattr(cfg, "train_per_class", None),  # absent from older configs
+        seed=split["seed"],
+        val_fraction=split["val_fraction"],
+        test_fraction=split["test_fraction"],
+        train_per_class=split["train_per_class"],
     )
 
 
