@@ -83,7 +83,7 @@ from csm.synthetic.variants import (
     label_table,
     write_annotation,
 )
-from csm.utils import atomic_path, distributed_state, process_rows
+from csm.utils import atomic_path, distributed_state, kill_point, process_rows
 
 logger = logging.getLogger(__name__)
 
@@ -556,8 +556,10 @@ def _commit(
     names: list[str],
     report: bool,
     world_size: int,
+    metadata: bool = True,
 ) -> dict[str, Any]:
-    """Write annotation ``name``'s label data and report (main process only); the report dict."""
+    """Write annotation ``name``'s label data and report (main process only); the report dict.
+    ``metadata=False``: leave the card to the activation that follows."""
     tables = [
         label_table(names, r["group_id"], r["share"], r["lam_hat"], r["class_a"], r["class_b"])
         for r in results
@@ -567,7 +569,7 @@ def _commit(
         names,
     )
     info["mismatch_share"] = rep["mismatch_share"]
-    write_annotation(dataset, name, info, tables)
+    write_annotation(dataset, name, info, tables, metadata=metadata)
     rep["annotation"] = {**info, "name": name}
     rep["world_size"] = world_size
     folder = dataset / ANNOTATIONS_DIR / name
@@ -758,8 +760,12 @@ def annotate_dataset(
         )
         logger.info("labels (%s): %s", label_mode, fit_summary(label_mode, label_fit))
     world = state.num_processes
-    rep = _on_main(state, _commit, dataset, name, info, results, names, report, world)
-    if activate if activate is not None else active_name(manifest) in (LAMBDA_NAME, None, name):
+    if activate is None:
+        activate = active_name(manifest) in (LAMBDA_NAME, None, name)
+    args = (dataset, name, info, results, names, report, world, not activate)
+    rep = _on_main(state, _commit, *args)
+    kill_point("annotate:committed")
+    if activate:
         _on_main(state, activate_annotation, dataset, name)
     logger.info(
         "annotated %d images as %r; dominant class differs from lambda's for %.1f%%",

@@ -21,6 +21,7 @@ columns an annotation sets (:data:`LABEL_COLUMNS`) are also stored on their own,
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -195,9 +196,26 @@ def arrow_column(values: Any, typ: pa.DataType) -> pa.Array:
     return pa.array(values, type=typ)
 
 
-def table_from_columns(features: Features, columns: dict[str, Any]) -> pa.Table:
+@functools.lru_cache(maxsize=16)
+def _schemas(names: tuple[str, ...]) -> tuple[pa.Schema, pa.Schema]:
+    return synthetic_features(names).arrow_schema, label_features(names).arrow_schema
+
+
+def synthetic_schema(class_names: Sequence[str]) -> pa.Schema:
+    """The Arrow schema (with the HF feature metadata) of :func:`synthetic_features`, built once
+    per class list (``Features.arrow_schema`` rebuilds it, ~1 ms, at every call; Arrow schemas
+    are immutable, so sharing one is safe)."""
+    return _schemas(tuple(class_names))[0]
+
+
+def label_schema(class_names: Sequence[str]) -> pa.Schema:
+    """The Arrow schema of :func:`label_features`, built once per class list."""
+    return _schemas(tuple(class_names))[1]
+
+
+def table_from_columns(features: Features | pa.Schema, columns: dict[str, Any]) -> pa.Table:
     """Arrow table with the exact schema (and HF feature metadata) of ``features``."""
-    schema = features.arrow_schema
+    schema = features if isinstance(features, pa.Schema) else features.arrow_schema
     arrays = [
         arrow_column(columns[name], fld.type)
         for name, fld in zip(schema.names, schema, strict=True)

@@ -62,9 +62,9 @@ from csm.synthetic.schema import (
     SPLIT,
     arrow_column,
     label_columns,
-    label_features,
+    label_schema,
     soft_targets,
-    synthetic_features,
+    synthetic_schema,
     table_from_columns,
 )
 from csm.synthetic.storage import (
@@ -156,13 +156,27 @@ def label_table(
     """The label-only table of one shard: ``group_id`` (row key) + the label columns."""
     columns = label_columns(share_a, lam_hat, class_a, class_b, len(class_names))
     columns["group_id"] = np.asarray(group_id, dtype=np.int64)
-    return table_from_columns(label_features(class_names), columns)
+    return table_from_columns(label_schema(class_names), columns)
 
 
 def write_annotation(
-    out_dir: str | Path, name: str, info: dict[str, Any], tables: list[pa.Table]
+    out_dir: str | Path,
+    name: str,
+    info: dict[str, Any],
+    tables: list[pa.Table],
+    metadata: bool = True,
 ) -> dict[str, Any]:
     """Store annotation ``name`` (one label table per image shard, in order); replaces any old one.
+
+    Args:
+        out_dir: The finished synthetic dataset.
+        name: The annotation's name.
+        info: What the manifest records of it (encoder, mode, fit, splits).
+        tables: Its label tables, one per image shard, in shard order.
+        metadata: Rewrite the card and metadata now. ``False`` when :func:`activate` follows at
+            once (it rewrites them anyway): the manifest is then committed with
+            ``metadata_pending``, so the card is still rewritten by :func:`recover` if a kill
+            comes between the two.
 
     Returns:
         The manifest entry written (``info`` + ``name`` + the file records).
@@ -191,12 +205,15 @@ def write_annotation(
     entry = {**info, "name": name, "shards": files}
     manifest = read_manifest(out_dir)
     manifest.setdefault("annotations", {})[name] = entry
+    if not metadata:
+        manifest["metadata_pending"] = True
     write_json_atomic(manifest, out_dir / MANIFEST_NAME)  # the commit point
     keep = {Path(f["file"]).name for f in files}
     for stale in folder.glob("labels-*.arrow"):
         if stale.name not in keep:
             stale.unlink()
-    write_dataset_metadata(out_dir)  # the card lists the annotations
+    if metadata:
+        write_dataset_metadata(out_dir)  # the card lists the annotations
     return entry
 
 
@@ -253,7 +270,7 @@ def read_labels(
 
 def with_labels(table: pa.Table, class_names: list[str], labels: dict[str, Any]) -> pa.Table:
     """``table`` (a main shard) with its :data:`LABEL_COLUMNS` replaced by ``labels``."""
-    schema = synthetic_features(class_names).arrow_schema
+    schema = synthetic_schema(class_names)
     arrays = [
         arrow_column(labels[name], fld.type)
         if name in LABEL_COLUMNS
@@ -319,7 +336,7 @@ def activate(out_dir: str | Path, name: str) -> None:
     """
     out_dir = Path(out_dir)
     _finish_swaps(out_dir)
-    recover(out_dir)
+    recover(out_dir, metadata=False)  # the metadata is rewritten once, after the commit
     manifest, records = check_dataset(out_dir, activating_ok=True)
     if name not in annotation_names(manifest):
         raise _unknown(str(out_dir), name, manifest)
@@ -338,7 +355,7 @@ def activate(out_dir: str | Path, name: str) -> None:
     logger.info("activated annotation %r in %s", name, out_dir)
 
 
-def recover(out_dir: str | Path) -> bool:
+def recover(out_dir: str | Path, metadata: bool = True) -> bool:
     """Finish or clean up whatever a kill interrupted in a finished dataset; idempotent.
 
     After a committed activation whose metadata is pending, rewrite the report, ``state.json``,
@@ -348,6 +365,11 @@ def recover(out_dir: str | Path) -> bool:
     writes. Changes nothing in a consistent dataset. Call it only from the one process that
     writes the dataset.
 
+    Args:
+        out_dir: The dataset.
+        metadata: Also rewrite pending metadata (``False``: only delete what is unreferenced,
+            for a caller that commits with ``metadata_pending`` itself and recovers after).
+
     Returns:
         Whether anything was changed.
     """
@@ -356,7 +378,7 @@ def recover(out_dir: str | Path) -> bool:
     if not manifest.get("finalized"):
         return False
     changed = False
-    if manifest.get("metadata_pending"):
+    if metadata and manifest.get("metadata_pending"):
         if active_name(manifest) is not None:  # an unnamed (older) annotation keeps its report
             _copy_report(out_dir, active_name(manifest))
         write_dataset_metadata(out_dir)

@@ -242,6 +242,39 @@ def test_kill_during_switch_over_is_all_or_nothing(tmp_path, point):
     assert all(np.array_equal(v, new) for v in _views(out))
 
 
+def test_kill_between_the_labels_and_their_activation_leaves_a_card_that_recovery_finishes(
+    tmp_path,
+):
+    """An annotation that will be activated is committed with ``metadata_pending`` instead of a
+    card of its own (the activation writes the card once); killed before the activation, the
+    dataset still reads whole, with the old labels, and the next csm command's recovery writes
+    the card that lists the new annotation: the very files of a run that did not activate."""
+    import shutil
+
+    from csm.synthetic.variants import recover
+    from tests.test_reliability import killed_at, temp_files, tree_hashes
+
+    real, enc = _real(), PixelEncoder()
+    out = tmp_path / "syn"
+    _blend_dataset(out, class_prototypes(enc, real, cache_dir=str(tmp_path / "c")).float())
+    old = load_synthetic_tensors(out).soft_labels.numpy()  # λ labels
+    clean = tmp_path / "clean"
+    shutil.copytree(out, clean)
+    annotate_dataset(clean, enc, real=real, name="x", activate=False, cache_dir=str(tmp_path / "c"))
+    code = (
+        "from csm.annotation.annotate import annotate_dataset\n"
+        "from tests.annotation.test_annotate import PixelEncoder, _real\n"
+        f"annotate_dataset({str(out)!r}, PixelEncoder(), real=_real(), name='x', "
+        f"cache_dir={str(tmp_path / 'c')!r})"
+    )
+    killed_at("annotate:committed", code)
+    assert read_manifest(out)["metadata_pending"] and "`x`" not in (out / "README.md").read_text()
+    assert all(np.array_equal(v, old) for v in _views(out))
+    assert recover(out)
+    assert tree_hashes(out) == tree_hashes(clean) and not temp_files(out)
+    assert "| `x` |" in (out / "README.md").read_text()
+
+
 def test_unknown_annotation_names_the_option_and_the_choices(tmp_path):
     real, enc = _real(), PixelEncoder()
     out = tmp_path / "syn"
