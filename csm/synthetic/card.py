@@ -433,15 +433,20 @@ def build_card(
     dataset_info: Any = None,
 ) -> DatasetCard:
     """The dataset card: YAML metadata, provenance, generation, annotation, fields, limits."""
-    data = card_data(manifest, num_rows, data_files, dataset_info)
-    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{_card_body(manifest, num_rows)}")
+    return DatasetCard(render_card(manifest, num_rows, data_files, dataset_info))
 
 
 def render_card(
-    manifest: dict[str, Any], num_rows: int, data_files: str | list[str] | None = None
+    manifest: dict[str, Any],
+    num_rows: int,
+    data_files: str | list[str] | None = None,
+    dataset_info: Any = None,
 ) -> str:
-    """The dataset card (README.md) as text (see :func:`build_card`)."""
-    return str(build_card(manifest, num_rows, data_files))
+    """The dataset card (README.md) as text: ``str`` of :func:`build_card`'s card, without
+    building it (a :class:`~huggingface_hub.DatasetCard` parses its YAML back and dumps it
+    again to print itself: two of the three YAML passes of a render)."""
+    data = card_data(manifest, num_rows, data_files, dataset_info)
+    return f"---\n{data.to_yaml()}\n---\n{_card_body(manifest, num_rows)}"
 
 
 def _card_body(manifest: dict[str, Any], num_rows: int) -> str:

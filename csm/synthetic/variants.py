@@ -258,9 +258,15 @@ def read_labels(
     else:
         verify_shard(path, record, full=False)
         table = read_table(path)
+    return _labels_of(table, main, str(path), shard, name)
+
+
+def _labels_of(table: pa.Table, main: pa.Table, where: str, shard: int, name: str) -> dict:
+    """The label columns of label table ``table``, checked to key the rows of main shard
+    ``main``."""
     if not np.array_equal(table.column("group_id").to_numpy(), main.column("group_id").to_numpy()):
         raise CSMError(
-            f"{path}: its rows do not match image shard {shard}; annotate again with --name {name}"
+            f"{where}: its rows do not match image shard {shard}; annotate again with --name {name}"
         )
     cols = {c: table.column(c).to_numpy() for c in ("label", "lam_hat", "confidence")}
     soft = table.column("soft_label").to_pylist()
@@ -298,15 +304,23 @@ def _shard_file(index: int, num_shards: int, digest: str) -> str:
 
 
 def _stage_shards(
-    out_dir: Path, manifest: dict[str, Any], records: list[dict[str, Any]], name: str
+    out_dir: Path,
+    manifest: dict[str, Any],
+    records: list[dict[str, Any]],
+    name: str,
+    tables: list[pa.Table] | None = None,
 ) -> list[dict[str, Any]]:
-    """Write every main shard with annotation ``name``'s labels under a new content-addressed
-    name next to the current one (nothing is replaced); returns the new shard records."""
+    """Write every main shard with annotation ``name``'s labels (read from its files, or its
+    label ``tables`` as just written) under a new content-addressed name next to the current one
+    (nothing is replaced); returns the new shard records."""
     names = list(manifest["params"]["class_names"])
     staged = []
-    for record in records:
+    for i, record in enumerate(records):
         main = read_verified_table(out_dir / record["file"], record)
-        labels = read_labels(out_dir, manifest, name, record["shard"], main, full=True)
+        if tables is None or name == LAMBDA_NAME:
+            labels = read_labels(out_dir, manifest, name, record["shard"], main, full=True)
+        else:
+            labels = _labels_of(tables[i], main, f"annotation {name}", record["shard"], name)
         data = _table_bytes(with_labels(main, names, labels))
         digest = hashlib.sha256(data).hexdigest()
         rel = f"{SPLIT}/{_shard_file(record['shard'], len(records), digest)}"
@@ -319,8 +333,11 @@ def _stage_shards(
     return staged
 
 
-def activate(out_dir: str | Path, name: str) -> None:
+def activate(out_dir: str | Path, name: str, tables: list[pa.Table] | None = None) -> None:
     """Make annotation ``name`` the one in the main shards (see the module docstring).
+
+    ``tables``: the label tables :func:`write_annotation` has just stored for ``name`` (one per
+    shard, in order), so that they are not read back from disk.
 
     The switch-over is all-or-nothing under a kill at any moment: the new main shards are
     written under new content-addressed names beside the current ones, then one atomic replace
@@ -340,7 +357,9 @@ def activate(out_dir: str | Path, name: str) -> None:
     manifest, records = check_dataset(out_dir, activating_ok=True)
     if name not in annotation_names(manifest):
         raise _unknown(str(out_dir), name, manifest)
-    staged = _stage_shards(out_dir, manifest, records, name)
+    if tables is not None and len(tables) != len(records):
+        raise CSMError(f"annotation {name}: {len(tables)} label tables for {len(records)} shards")
+    staged = _stage_shards(out_dir, manifest, records, name, tables)
     kill_point("activate:staged")
     entry = (manifest.get("annotations") or {}).get(name)
     manifest["annotation"] = (

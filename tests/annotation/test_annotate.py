@@ -17,6 +17,7 @@ from csm.annotation.annotate import (
     REPORT_JSON,
     REPORT_PNG,
     annotate_dataset,
+    annotation_report,
     class_prototypes,
     project,
 )
@@ -487,3 +488,31 @@ def test_two_processes_annotate_byte_identical_to_one(tmp_path):
 
     p1, p2 = (load_file(next((tmp_path / c / "prototypes").glob("*"))) for c in ("c1", "c2"))
     assert all(torch.equal(p1[k], p2[k]) for k in ("prototypes", "counts"))
+
+
+def test_annotation_report_means_per_pair_and_lambda_by_hand():
+    """The report's per-pair curves are the mean soft[a] of the images of each (pair, λ) cell,
+    ``None`` where a pair has no image at that λ; the overall curve pools the pairs."""
+    rng = np.random.default_rng(3)
+    lam = rng.choice([0.0, 1 / 3, 2 / 3, 1.0], size=200)
+    a, b = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
+    keep = ~((a == 2) & (b == 0) & (lam == 1.0))  # one empty cell
+    lam, a, b = lam[keep], a[keep], b[keep]
+    share = rng.uniform(size=len(lam))
+    rep = annotation_report(lam, share, a, b, ["x", "y", "z"])
+    grid = sorted(set(np.round(lam, 6).tolist()))
+    assert rep["lambda"] == grid and rep["num_images"] == len(lam)
+    for i, j in sorted(set(zip(a.tolist(), b.tolist()))):
+        want = []
+        for g in grid:
+            m = (a == i) & (b == j) & (np.round(lam, 6) == g)
+            want.append(float(share[m].mean()) if m.any() else None)
+        got = rep["pairs"][f"{'xyz'[i]}|{'xyz'[j]}"]["share_a"]
+        assert [w is None for w in want] == [x is None for x in got]
+        assert [x for x in got if x is not None] == pytest.approx(
+            [w for w in want if w is not None]
+        )
+    assert rep["pairs"]["z|x"]["share_a"][-1] is None
+    overall = [float(share[np.round(lam, 6) == g].mean()) for g in grid]
+    assert rep["share_a_mean"] == pytest.approx(overall)
+    assert rep["mismatch_share"] == pytest.approx(np.mean((share >= 0.5) != (lam >= 0.5)))

@@ -11,6 +11,7 @@ from csm.synthetic import SyntheticWriter
 from csm.synthetic.card import (
     generation_options_from_card,
     public_ref,
+    render_card,
     resolve_license,
 )
 
@@ -51,6 +52,20 @@ def test_card_parses_carries_licence_and_hides_local_paths(dataset):
     ]
     assert "/home/alice" not in text and "diffusion-digits" in text and "ab" * 32 in text
     assert "archive.ics.uci.edu/dataset/80" in text
+
+
+def test_the_written_card_is_what_huggingface_hub_prints_for_it(dataset):
+    """README.md is rendered without building a DatasetCard (two fewer YAML passes); it must be
+    byte for byte the text the card class gives, so the Hub and ``DatasetCard.load`` agree."""
+    from csm.synthetic import read_manifest
+    from csm.synthetic.card import build_card
+
+    text = (dataset / "README.md").read_text()
+    assert str(DatasetCard(text)) == text
+    files = ["train/x.arrow"]
+    assert str(build_card(read_manifest(dataset), 6, files)) == render_card(
+        read_manifest(dataset), 6, files
+    )
 
 
 def test_generation_options_from_card_rebuild_the_generate_call(dataset):
