@@ -276,6 +276,35 @@ def test_kill_between_the_labels_and_their_activation_leaves_a_card_that_recover
     assert "| `x` |" in (out / "README.md").read_text()
 
 
+@pytest.mark.parametrize("point", ["write:labels-*#2", "write:data-*#1", "activate:staged"])
+def test_kill_while_labels_are_staged_during_the_encoding_then_rerun_equals_clean(tmp_path, point):
+    """Label files and relabelled main shards are written while the encoder runs (issue 17);
+    killed then, the dataset still reads whole with its old labels, and the rerun gives the very
+    files of a clean run (the staged ones are unreferenced and removed by ``recover``)."""
+    import shutil
+
+    from tests.test_reliability import killed_at, temp_files, tree_hashes
+
+    real, enc = _real(), PixelEncoder()
+    out = tmp_path / "syn"
+    _blend_dataset(out, class_prototypes(enc, real, cache_dir=str(tmp_path / "c")).float())
+    old = load_synthetic_tensors(out).soft_labels.numpy()
+    clean = tmp_path / "clean"
+    shutil.copytree(out, clean)
+    annotate_dataset(clean, enc, real=real, name="x", cache_dir=str(tmp_path / "c"))
+    code = (
+        "from csm.annotation.annotate import annotate_dataset\n"
+        "from tests.annotation.test_annotate import PixelEncoder, _real\n"
+        f"annotate_dataset({str(out)!r}, PixelEncoder(), real=_real(), name='x', "
+        f"cache_dir={str(tmp_path / 'c')!r})"
+    )
+    killed_at(point, code)
+    assert all(np.array_equal(v, old) for v in _views(out, plain_dataset=_card_lists_files(out)))
+    annotate_dataset(out, enc, real=real, name="x", cache_dir=str(tmp_path / "c"))
+    assert tree_hashes(out) == tree_hashes(clean) and not temp_files(out)
+    assert not np.array_equal(load_synthetic_tensors(out).soft_labels.numpy(), old)
+
+
 def test_unknown_annotation_names_the_option_and_the_choices(tmp_path):
     real, enc = _real(), PixelEncoder()
     out = tmp_path / "syn"
