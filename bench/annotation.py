@@ -29,7 +29,10 @@ Encoders:
 are upsampled as with a real CLIP) and ``classifier`` (a random ``csm train``-format CNN run on
 16 px images, the offline choice); ``clip-b32`` (the ViT-B/32 architecture of the paper's
 encoder, random weights; ~0.14 s of CPU per image, so run it on a GPU or with fewer images).
-Results go to ``bench/results/annotation.json``.
+Results go to ``bench/results/annotation.json``. Like every ``csm`` command
+(:func:`csm.cli.cpu_allocator_defaults`), the bench turns on PyTorch's transparent-huge-page CPU
+allocations before torch is imported (``THP_MEM_ALLOC_ENABLE=0`` in the environment times
+without them).
 
 Usage::
 
@@ -49,10 +52,14 @@ import time
 from pathlib import Path
 from statistics import median
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from csm.cli import cpu_allocator_defaults  # noqa: E402
+
+THP = cpu_allocator_defaults()  # before torch is imported, as the csm command does
+
+import torch  # noqa: E402
 
 from csm.annotation.annotate import (  # noqa: E402
     annotate_dataset,
@@ -276,6 +283,7 @@ def main() -> None:
         "num_workers": workers,
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "machine": platform.machine(),
+        "cpu_huge_pages": THP,
         "cpu_count": os.cpu_count(),
         "encoders": {},
     }

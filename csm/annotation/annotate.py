@@ -47,8 +47,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,14 +79,8 @@ from csm.synthetic.variants import (
 from csm.synthetic.variants import (
     active_name,
     check_name,
-    commit_activation,
-    commit_annotation,
     default_name,
-    label_columns_of,
     label_table,
-    recover,
-    stage_label_file,
-    stage_shard,
     write_annotation,
 )
 from csm.utils import atomic_path, distributed_state, kill_point, process_rows
@@ -527,12 +520,10 @@ def _encode_shards(
     batch_size: int,
     state: Any,
     num_workers: int = 0,
-    on_shard: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Labels of this process's contiguous share of the shards, gathered in shard order on every
     process; ``num_workers`` processes decode the next shards while the encoder runs
-    (:func:`_decoded_shards`); ``on_shard(i, labels)`` is called as the ``i``-th shard of this
-    process's share is labelled."""
+    (:func:`_decoded_shards`)."""
     mine = records[process_rows(len(records), state.process_index, state.num_processes)]
     shards = _decoded_shards([dataset / r["file"] for r in mine], num_workers)
     out: list[dict[str, Any]] = []
@@ -553,8 +544,6 @@ def _encode_shards(
                     np.asarray(pixels), a, b, encoder, protos, squash_s, batch_size
                 )
                 out.append({**cols, "share": share, "lam_hat": lam_hat, "shard": record["shard"]})
-                if on_shard is not None:
-                    on_shard(len(out) - 1, out[-1])
                 bar.update(len(share))
     except CSMError as exc:  # every process learns it (no process waits forever below)
         error = str(exc)
@@ -582,28 +571,22 @@ def _commit(
     report: bool,
     world_size: int,
     activate: bool = False,
-    early: _EarlyWriter | None = None,
 ) -> dict[str, Any]:
     """Write annotation ``name``'s label data and report, and with ``activate`` make it the
     active one (main process only); the report dict.
 
     The annotation is committed first; activated, it leaves the card to the activation (one
-    render). With ``early``, the label files and staged main shards it wrote during the
-    encoding are committed instead of being written now."""
+    render), which reuses the label tables in memory."""
+    tables = [
+        label_table(names, r["group_id"], r["share"], r["lam_hat"], r["class_a"], r["class_b"])
+        for r in results
+    ]
     rep = annotation_report(
         *(np.concatenate([r[c] for r in results]) for c in ("lam", "share", "class_a", "class_b")),
         names,
     )
     info["mismatch_share"] = rep["mismatch_share"]
-    if early is not None:
-        files, staged = early.finish()
-        commit_annotation(dataset, name, info, files, metadata=not activate)
-    else:
-        tables = [
-            label_table(names, r["group_id"], r["share"], r["lam_hat"], r["class_a"], r["class_b"])
-            for r in results
-        ]
-        write_annotation(dataset, name, info, tables, metadata=not activate)
+    write_annotation(dataset, name, info, tables, metadata=not activate)
     rep["annotation"] = {**info, "name": name}
     rep["world_size"] = world_size
     folder = dataset / ANNOTATIONS_DIR / name
@@ -614,75 +597,9 @@ def _commit(
         for stale in (REPORT_JSON, REPORT_PNG):
             (folder / stale).unlink(missing_ok=True)
     kill_point("annotate:committed")
-    if activate and early is not None:
-        commit_activation(dataset, name, staged)
-    elif activate:
-        activate_annotation(dataset, name)
+    if activate:
+        activate_annotation(dataset, name, tables)
     return rep
-
-
-class _EarlyWriter:
-    """Writes each shard's label file, and its relabelled main shard when the annotation is to
-    be activated, in one background thread while the encoder runs on the next shards, so that
-    only the manifest commits and the metadata are left after the last forward (issue 17).
-
-    Everything it writes is staged under content-addressed names that only the commit of
-    :func:`_commit` references (:func:`~csm.synthetic.variants.stage_label_file`,
-    :func:`~csm.synthetic.variants.stage_shard`); after a kill,
-    :func:`~csm.synthetic.variants.recover` removes it. Used in one-process runs whose labels
-    are final as each shard is encoded (not ``pair-fit``, fitted on all shards at the end).
-    """
-
-    def __init__(
-        self,
-        dataset: Path,
-        name: str,
-        names: list[str],
-        records: list[dict[str, Any]],
-        activate: bool,
-    ) -> None:
-        recover(dataset)  # nothing unreferenced may be deleted once staging has begun
-        self.dataset, self.name, self.names = dataset, name, names
-        self.records, self.activate = records, activate
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csm-annotate-write")
-        self.jobs: list[Future] = []
-
-    def submit(self, i: int, result: dict[str, Any]) -> None:
-        """Stage shard ``i``'s labels ``result`` (a :func:`_encode_shards` entry)."""
-        self.jobs.append(self.pool.submit(self._write, self.records[i], result))
-
-    def _write(self, record: dict[str, Any], r: dict[str, Any]) -> tuple[dict, dict | None]:
-        cols = (r["group_id"], r["share"], r["lam_hat"], r["class_a"], r["class_b"])
-        table = label_table(self.names, *cols)
-        n = len(self.records)
-        file = stage_label_file(self.dataset, self.name, record, table, n)
-        if not self.activate:
-            return file, None
-
-        def labels_for(main: Any) -> dict[str, Any]:
-            return label_columns_of(table, main, self.name, record["shard"])
-
-        return file, stage_shard(self.dataset, self.names, record, n, labels_for)
-
-    def finish(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The label files' and staged main shards' records, in shard order, once written."""
-        try:
-            done = [job.result() for job in self.jobs]
-        except BaseException:
-            self.abort()
-            raise
-        self.close()
-        return [f for f, _ in done], [m for _, m in done if m is not None]
-
-    def close(self) -> None:
-        """Stop: wait for the write under way, drop the queued ones."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def abort(self) -> None:
-        """Stop and delete what was staged (the annotation failed before its commit), so the
-        dataset is left exactly as it was."""
-        self.close()
-        recover(self.dataset)
 
 
 def _on_main(state: Any, fn: Any, *args: Any) -> Any:
@@ -834,55 +751,11 @@ def annotate_dataset(
         raise CSMError(f"num_workers={num_workers}: must be >= 0 (0: decode in the main process)")
     logger.info("decoding images in %d worker process(es)", workers)
     rule, val_feats = _label_rule(label_mode, encoder, real, protos, squash_s, batch_size, state)
-    if activate is None:
-        activate = active_name(manifest) in (LAMBDA_NAME, None, name)
-    early = None
-    if state.num_processes == 1 and label_mode != "pair-fit":  # labels final shard by shard
-        early = _EarlyWriter(dataset, name, names, records, activate)
-    try:
-        results = _encode_shards(
-            dataset,
-            records,
-            encoder,
-            protos,
-            rule,
-            batch_size,
-            state,
-            workers,
-            on_shard=None if early is None else early.submit,
-        )
-    except BaseException:
-        if early is not None:
-            early.abort()
-        raise
+    results = _encode_shards(dataset, records, encoder, protos, rule, batch_size, state, workers)
     label_fit = rule.record() if isinstance(rule, JudgeCalibration) else None
     if label_mode == "pair-fit":
         fit = (squash_s, pair_fit_prior_sd, pair_fit_min_val)
         label_fit = _apply_pair_fit(results, val_feats, real, protos, names, fit, state)
-    info = _annotation_info(encoder, real, mode, squash_s, label_mode, label_fit, protos is None)
-    world = state.num_processes
-    args = (dataset, name, info, results, names, report, world, activate, early)
-    rep = _on_main(state, _commit, *args)
-    logger.info(
-        "annotated %d images as %r; dominant class differs from lambda's for %.1f%%",
-        rep["num_images"],
-        name,
-        100 * rep["mismatch_share"],
-    )
-    return rep
-
-
-def _annotation_info(
-    encoder: ImageEncoder,
-    real: Any | None,
-    mode: str,
-    squash_s: float,
-    label_mode: str,
-    label_fit: dict[str, Any] | None,
-    no_prototypes: bool,
-) -> dict[str, Any]:
-    """What the manifest records of an annotation: encoder, mode, squash, the real data and
-    splits behind it, and a fitted label mode's fit."""
     info = {
         "mode": mode,
         "encoder": encoder.spec,
@@ -896,7 +769,7 @@ def _annotation_info(
     if getattr(encoder, "split", None) is not None:
         info["encoder_split"] = encoder.split
     if label_fit is not None:  # the default (squash) records exactly what it always did
-        judge_head = label_mode == "judge" and no_prototypes  # lam_hat: sigmoid(z_a - z_b)
+        judge_head = label_mode == "judge" and protos is None  # lam_hat: sigmoid(z_a - z_b)
         info.update(
             mode="judge" if judge_head else mode,
             squash=float(squash_s) if label_mode == "pair-fit" else None,
@@ -906,7 +779,17 @@ def _annotation_info(
             real_val_size=len(real.val),
         )
         logger.info("labels (%s): %s", label_mode, fit_summary(label_mode, label_fit))
-    return info
+    world = state.num_processes
+    if activate is None:
+        activate = active_name(manifest) in (LAMBDA_NAME, None, name)
+    rep = _on_main(state, _commit, dataset, name, info, results, names, report, world, activate)
+    logger.info(
+        "annotated %d images as %r; dominant class differs from lambda's for %.1f%%",
+        rep["num_images"],
+        name,
+        100 * rep["mismatch_share"],
+    )
+    return rep
 
 
 def annotation_report(

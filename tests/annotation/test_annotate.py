@@ -277,10 +277,10 @@ def test_kill_between_the_labels_and_their_activation_leaves_a_card_that_recover
 
 
 @pytest.mark.parametrize("point", ["write:labels-*#2", "write:data-*#1", "activate:staged"])
-def test_kill_while_labels_are_staged_during_the_encoding_then_rerun_equals_clean(tmp_path, point):
-    """Label files and relabelled main shards are written while the encoder runs (issue 17);
-    killed then, the dataset still reads whole with its old labels, and the rerun gives the very
-    files of a clean run (the staged ones are unreferenced and removed by ``recover``)."""
+def test_kill_while_labels_are_written_then_rerun_equals_clean(tmp_path, point):
+    """Killed while its label files or the relabelled main shards are written, an annotation
+    leaves the dataset reading whole with its old labels, and the rerun gives the very files of
+    a clean run."""
     import shutil
 
     from tests.test_reliability import killed_at, temp_files, tree_hashes
