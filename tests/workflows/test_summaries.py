@@ -16,22 +16,23 @@ sys.path.insert(0, str(REPO / "eval"))
 import mixing_summary  # noqa: E402
 import summarize  # noqa: E402
 
-METRICS = ("cls/Acc", "cal/ECE", "cal/AdaECE", "cal/ECE-sweep", "cal/dECE")
+METRICS = ("cls/Acc", "cal/ECE", "cal/AdaECE", "cal/ECE-sweep", "cal/dECE", "cal/OE", "cal/UE")
 
 
 def _results(folder: Path, values: dict[str, list[tuple[float, float]]]) -> None:
     """results.csv with clean-test rows: method -> per seed (Acc, ECE); AdaECE = ECE, TS halves
-    ECE; one shifted row per seed with ECE twice the clean one."""
+    ECE (dECE: TS divides it by 1.5); OE 90% of the ECE before TS, half of it after; one
+    shifted row per seed with ECE twice the clean one."""
     folder.mkdir(parents=True)
     lines = ["run,method,seed,calibrator,condition," + ",".join(METRICS)]
     for method, seeds in values.items():
         for seed, (acc, ece) in enumerate(seeds):
-            for cal, e in (("none", ece), ("ts", ece / 2)):
-                cells = [acc, e, e, e, e]
+            for cal, e, d, oe in (("none", ece, ece, 0.9), ("ts", ece / 2, ece / 1.5, 0.5)):
+                cells = [acc, e, e, e, d, oe * e, (1 - oe) * e]
                 lines.append(
                     f"{method}/{seed},{method},{seed},{cal},clean," + ",".join(map(str, cells))
                 )
-            shifted = [acc - 0.2, 2 * ece, 2 * ece, 2 * ece, 2 * ece]
+            shifted = [acc - 0.2, 2 * ece, 2 * ece, 2 * ece, 2 * ece, ece, ece]
             row = f"{method}/{seed},{method},{seed},none,blur@1," + ",".join(map(str, shifted))
             lines.append(row)
     (folder / "results.csv").write_text("\n".join(lines) + "\n")
@@ -91,6 +92,11 @@ def test_headline_answers_each_regime_from_the_results(results: Path, tmp_path: 
     # CSM 5.50% vs CE 11.00%: ratio 0.50 <= 0.63; LS is outside CE's accuracy - 0.5 pt
     assert "- ECE: csm 5.50% vs ce 11.00% (ratio 0.50; paired Δ -5.50 [-7.00, -4.00] 2/2)" in head
     assert "within 0.5 pt of CE's accuracy: **csm**" in head
+    # CE: OE 9.90% vs UE 1.10%; TS 11% -> 5.5% (2.00x) in ECE, 11% -> 7.33% (1.50x) in dECE
+    assert (
+        "- Regime check: ce's OE 9.90% vs UE 1.10% (**over-confident**); TS on ce: ECE 11.00% → "
+        "5.50% (2.00x); dECE 11.00% → 7.33% (1.50x); TS ≥ 2x **met in ECE only**." in head
+    )
     assert "at most 0.63x CE's (the paper's ~37% reduction): 0.50x, **met**" in head
     assert "| csm | 91.00 ± 0.00 | 5.50 ± 0.71 | 2.75 ± 0.35 |" in head
     # converged: the paired interval contains 0
