@@ -46,8 +46,9 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ from csm.annotation.labels import (
     project_products,
     prototype_logits,
 )
+from csm.annotation.writeback import WriteBack
 from csm.errors import CSMError
 from csm.synthetic.card import public_ref
 from csm.synthetic.schema import ANNOTATIONS_DIR, LAMBDA_NAME, REPORT_JSON, REPORT_PNG
@@ -79,8 +81,11 @@ from csm.synthetic.variants import (
 from csm.synthetic.variants import (
     active_name,
     check_name,
+    commit_activation,
+    commit_annotation,
     default_name,
     label_table,
+    recover,
     write_annotation,
 )
 from csm.utils import atomic_path, distributed_state, kill_point, process_rows
@@ -435,19 +440,24 @@ def _load_shard(path: Path) -> tuple[dict[str, np.ndarray], torch.Tensor | np.nd
 
 
 class _ShardImages(Dataset):
-    """Item ``i``: :func:`_load_shard` of ``paths[i]``, or its CSMError's message (which the main
-    process raises as it is; a DataLoader would rewrap the exception with the worker's
-    traceback)."""
+    """Item ``i``: :func:`_load_shard` of ``paths[i]`` and the labels written meanwhile (with a
+    :class:`~csm.annotation.writeback.WriteBack`: :meth:`~WriteBack.take`), or its CSMError's
+    message (which the main process raises as it is; a DataLoader would rewrap the exception
+    with the worker's traceback). With a write-back, one more item per worker,
+    ``("written", WriteBack.flush())``, ends the run."""
 
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
+    def __init__(self, paths: list[Path], writeback: WriteBack | None = None) -> None:
+        self.paths, self.writeback = paths, writeback
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.paths) + (self.writeback.workers if self.writeback else 0)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, np.ndarray], torch.Tensor] | str:
+    def __getitem__(self, i: int) -> tuple[Any, ...] | str:
         try:
-            return _load_shard(self.paths[i])
+            if i >= len(self.paths):
+                return ("written", self.writeback.flush())
+            written = self.writeback.take() if self.writeback else []
+            return (*_load_shard(self.paths[i]), written)
         except CSMError as exc:
             return str(exc)
 
@@ -457,15 +467,21 @@ def _as_is(item: Any) -> Any:
 
 
 def _decoded_shards(
-    paths: list[Path], num_workers: int
-) -> Iterator[tuple[dict[str, np.ndarray], torch.Tensor]]:
+    paths: list[Path],
+    num_workers: int,
+    writeback: WriteBack | None = None,
+    on_written: Callable[[list[Any]], None] | None = None,
+) -> Iterator[tuple[dict[str, np.ndarray], torch.Tensor | np.ndarray]]:
     """The shards at ``paths``, in order, loaded by :func:`_load_shard` in ``num_workers``
     DataLoader worker processes (each up to two shards ahead), or in this process if 0.
 
     The workers only read and decode (one thread each); what they deliver does not depend on
     their number. The first shard is decoded here, while the workers start on the next ones, so
     the encoder does not wait for a worker's start-up and first decode (~40 ms on this CPU).
-    Closing the generator (or its end, or an error) stops them.
+    Closing the generator (or its end, or an error) stops them. With a ``writeback`` (for
+    ``min(num_workers, len(paths) - 1)`` workers), the workers also write the labels the caller
+    sends (:mod:`csm.annotation.writeback`); what they wrote reaches ``on_written``, and after the
+    last shard the generator sends the end marks and collects the rest.
 
     Raises:
         CSMError: A shard is truncated or an image does not decode.
@@ -478,19 +494,27 @@ def _decoded_shards(
         return
     loader = iter(
         DataLoader(
-            _ShardImages(paths[1:]),
+            _ShardImages(paths[1:], writeback),
             batch_size=None,
             num_workers=workers,
             collate_fn=_as_is,
             prefetch_factor=2,
+            multiprocessing_context="fork" if writeback else None,
         )
     )  # the workers start now
     try:
         yield _load_shard(paths[0])
-        for item in loader:
+        for k, item in enumerate(loader):
             if isinstance(item, str):
                 raise CSMError(item)
-            yield item
+            *shard, written = item
+            if on_written is not None:
+                on_written(written)
+            if shard[0] == "written":
+                continue
+            yield tuple(shard)
+            if writeback is not None and k == len(paths) - 2:
+                writeback.end()  # the caller has sent the last shard's labels
     finally:
         del loader  # the last reference: the workers stop now, even if a traceback keeps us
 
@@ -520,12 +544,16 @@ def _encode_shards(
     batch_size: int,
     state: Any,
     num_workers: int = 0,
+    writeback: WriteBack | None = None,
 ) -> list[dict[str, Any]]:
     """Labels of this process's contiguous share of the shards, gathered in shard order on every
     process; ``num_workers`` processes decode the next shards while the encoder runs
-    (:func:`_decoded_shards`)."""
+    (:func:`_decoded_shards`) and, with a ``writeback`` (one process), write each shard's labels
+    as they are sent (what they wrote collects in ``writeback.received``)."""
     mine = records[process_rows(len(records), state.process_index, state.num_processes)]
-    shards = _decoded_shards([dataset / r["file"] for r in mine], num_workers)
+    paths = [dataset / r["file"] for r in mine]
+    received = None if writeback is None else writeback.received.extend
+    shards = _decoded_shards(paths, num_workers, writeback, received)
     out: list[dict[str, Any]] = []
     error = None
     try:  # closing stops the workers; a worker's death during it is caught as well
@@ -544,6 +572,8 @@ def _encode_shards(
                     np.asarray(pixels), a, b, encoder, protos, squash_s, batch_size
                 )
                 out.append({**cols, "share": share, "lam_hat": lam_hat, "shard": record["shard"]})
+                if writeback is not None:
+                    writeback.send(len(out) - 1, out[-1])
                 bar.update(len(share))
     except CSMError as exc:  # every process learns it (no process waits forever below)
         error = str(exc)
@@ -571,22 +601,28 @@ def _commit(
     report: bool,
     world_size: int,
     activate: bool = False,
+    writeback: WriteBack | None = None,
 ) -> dict[str, Any]:
     """Write annotation ``name``'s label data and report, and with ``activate`` make it the
     active one (main process only); the report dict.
 
     The annotation is committed first; activated, it leaves the card to the activation (one
-    render), which reuses the label tables in memory."""
-    tables = [
-        label_table(names, r["group_id"], r["share"], r["lam_hat"], r["class_a"], r["class_b"])
-        for r in results
-    ]
+    render). With a ``writeback``, its workers have staged the label files and main shards
+    (:mod:`csm.annotation.writeback`): only the manifests are written here."""
     rep = annotation_report(
         *(np.concatenate([r[c] for r in results]) for c in ("lam", "share", "class_a", "class_b")),
         names,
     )
     info["mismatch_share"] = rep["mismatch_share"]
-    write_annotation(dataset, name, info, tables, metadata=not activate)
+    if writeback is not None:
+        files, staged = _written(writeback, results)
+        commit_annotation(dataset, name, info, files, metadata=not activate)
+    else:
+        tables = [
+            label_table(names, r["group_id"], r["share"], r["lam_hat"], r["class_a"], r["class_b"])
+            for r in results
+        ]
+        write_annotation(dataset, name, info, tables, metadata=not activate)
     rep["annotation"] = {**info, "name": name}
     rep["world_size"] = world_size
     folder = dataset / ANNOTATIONS_DIR / name
@@ -597,9 +633,26 @@ def _commit(
         for stale in (REPORT_JSON, REPORT_PNG):
             (folder / stale).unlink(missing_ok=True)
     kill_point("annotate:committed")
-    if activate:
-        activate_annotation(dataset, name, tables)
+    if activate and writeback is not None:
+        commit_activation(dataset, name, staged)
+    elif activate:
+        activate_annotation(dataset, name)
     return rep
+
+
+def _written(
+    writeback: WriteBack, results: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The label files and staged main shards the workers wrote, in shard order; a shard they
+    did not write (none should be missing) is written here."""
+    done = {i: (file, main) for i, file, main in writeback.received}
+    for i in range(len(results)):
+        if i not in done:
+            logger.warning("shard %d: labels not written by a decoding worker; writing them", i)
+            done[i] = writeback.write(i, results[i])[1:]
+    files = [done[i][0] for i in range(len(results))]
+    staged = [done[i][1] for i in range(len(results)) if done[i][1] is not None]
+    return files, staged
 
 
 def _on_main(state: Any, fn: Any, *args: Any) -> Any:
@@ -751,11 +804,45 @@ def annotate_dataset(
         raise CSMError(f"num_workers={num_workers}: must be >= 0 (0: decode in the main process)")
     logger.info("decoding images in %d worker process(es)", workers)
     rule, val_feats = _label_rule(label_mode, encoder, real, protos, squash_s, batch_size, state)
-    results = _encode_shards(dataset, records, encoder, protos, rule, batch_size, state, workers)
+    if activate is None:
+        activate = active_name(manifest) in (LAMBDA_NAME, None, name)
+    wb = _writeback(dataset, name, names, records, activate, workers, label_mode, state)
+    try:
+        results = _encode_shards(
+            dataset, records, encoder, protos, rule, batch_size, state, workers, wb
+        )
+    except BaseException:
+        if wb is not None:
+            recover(dataset)  # what the workers staged, unreferenced, is removed
+        raise
     label_fit = rule.record() if isinstance(rule, JudgeCalibration) else None
     if label_mode == "pair-fit":
         fit = (squash_s, pair_fit_prior_sd, pair_fit_min_val)
         label_fit = _apply_pair_fit(results, val_feats, real, protos, names, fit, state)
+    info = _annotation_info(encoder, real, mode, squash_s, label_mode, label_fit, protos is None)
+    world = state.num_processes
+    args = (dataset, name, info, results, names, report, world, activate, wb)
+    rep = _on_main(state, _commit, *args)
+    logger.info(
+        "annotated %d images as %r; dominant class differs from lambda's for %.1f%%",
+        rep["num_images"],
+        name,
+        100 * rep["mismatch_share"],
+    )
+    return rep
+
+
+def _annotation_info(
+    encoder: ImageEncoder,
+    real: Any | None,
+    mode: str,
+    squash_s: float,
+    label_mode: str,
+    label_fit: dict[str, Any] | None,
+    no_prototypes: bool,
+) -> dict[str, Any]:
+    """What the manifest records of an annotation: encoder, mode, squash, the real data and
+    splits behind it, and a fitted label mode's fit."""
     info = {
         "mode": mode,
         "encoder": encoder.spec,
@@ -769,7 +856,7 @@ def annotate_dataset(
     if getattr(encoder, "split", None) is not None:
         info["encoder_split"] = encoder.split
     if label_fit is not None:  # the default (squash) records exactly what it always did
-        judge_head = label_mode == "judge" and protos is None  # lam_hat: sigmoid(z_a - z_b)
+        judge_head = label_mode == "judge" and no_prototypes  # lam_hat: sigmoid(z_a - z_b)
         info.update(
             mode="judge" if judge_head else mode,
             squash=float(squash_s) if label_mode == "pair-fit" else None,
@@ -779,17 +866,27 @@ def annotate_dataset(
             real_val_size=len(real.val),
         )
         logger.info("labels (%s): %s", label_mode, fit_summary(label_mode, label_fit))
-    world = state.num_processes
-    if activate is None:
-        activate = active_name(manifest) in (LAMBDA_NAME, None, name)
-    rep = _on_main(state, _commit, dataset, name, info, results, names, report, world, activate)
-    logger.info(
-        "annotated %d images as %r; dominant class differs from lambda's for %.1f%%",
-        rep["num_images"],
-        name,
-        100 * rep["mismatch_share"],
-    )
-    return rep
+    return info
+
+
+def _writeback(
+    dataset: Path,
+    name: str,
+    names: list[str],
+    records: list[dict[str, Any]],
+    activate: bool,
+    workers: int,
+    label_mode: str,
+    state: Any,
+) -> WriteBack | None:
+    """The workers' write-back (:mod:`csm.annotation.writeback`), where it applies: one process,
+    at least one decoding worker, labels final shard by shard (not ``pair-fit``)."""
+    n = min(workers, len(records) - 1)
+    if state.num_processes > 1 or n < 1 or label_mode == "pair-fit":
+        return None
+    recover(dataset)  # from here on, nothing unreferenced may be deleted until the commit
+    queue = multiprocessing.get_context("fork").Queue()
+    return WriteBack(dataset, name, names, records, activate, n, queue)
 
 
 def annotation_report(

@@ -44,6 +44,7 @@ import hashlib
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,50 @@ def label_table(
     return table_from_columns(label_schema(class_names), columns)
 
 
+def stage_label_file(
+    out_dir: str | Path, name: str, record: dict[str, Any], table: pa.Table, num_shards: int
+) -> dict[str, Any]:
+    """Write annotation ``name``'s label table of the image shard of ``record`` under its
+    content-addressed name; unreferenced (and removed by :func:`recover`) until
+    :func:`commit_annotation` lists it. Returns its file record."""
+    if table.num_rows != record["rows"]:
+        raise CSMError(f"annotation {name}: shard {record['shard']} has {record['rows']} rows")
+    data = _table_bytes(table)
+    digest = hashlib.sha256(data).hexdigest()
+    path = Path(out_dir) / ANNOTATIONS_DIR / name / _label_file(record["shard"], num_shards, digest)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    rel = f"{ANNOTATIONS_DIR}/{name}/{path.name}"
+    return {"shard": record["shard"], "file": rel, "rows": table.num_rows, "bytes": len(data)} | {
+        "sha256": digest
+    }
+
+
+def commit_annotation(
+    out_dir: str | Path,
+    name: str,
+    info: dict[str, Any],
+    files: list[dict[str, Any]],
+    metadata: bool = True,
+) -> dict[str, Any]:
+    """Record annotation ``name`` (its staged label ``files``, one per shard) in the manifest —
+    the commit point — then delete its older label files (see :func:`write_annotation`)."""
+    out_dir = Path(out_dir)
+    entry = {**info, "name": name, "shards": files}
+    manifest = read_manifest(out_dir)
+    manifest.setdefault("annotations", {})[name] = entry
+    if not metadata:
+        manifest["metadata_pending"] = True
+    write_json_atomic(manifest, out_dir / MANIFEST_NAME)  # the commit point
+    keep = {Path(f["file"]).name for f in files}
+    for stale in (out_dir / ANNOTATIONS_DIR / name).glob("labels-*.arrow"):
+        if stale.name not in keep:
+            stale.unlink()
+    if metadata:
+        write_dataset_metadata(out_dir)  # the card lists the annotations
+    return entry
+
+
 def write_annotation(
     out_dir: str | Path,
     name: str,
@@ -187,34 +232,11 @@ def write_annotation(
     manifest, records = check_dataset(out_dir)
     if len(tables) != len(records):
         raise CSMError(f"annotation {name}: {len(tables)} label tables for {len(records)} shards")
-    folder = out_dir / ANNOTATIONS_DIR / name
-    files = []
-    for record, table in zip(records, tables, strict=True):
-        if table.num_rows != record["rows"]:
-            raise CSMError(f"annotation {name}: shard {record['shard']} has {record['rows']} rows")
-        data = _table_bytes(table)
-        digest = hashlib.sha256(data).hexdigest()
-        path = folder / _label_file(record["shard"], len(records), digest)
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-        rel = f"{ANNOTATIONS_DIR}/{name}/{path.name}"
-        files.append(
-            {"shard": record["shard"], "file": rel, "rows": table.num_rows, "bytes": len(data)}
-            | {"sha256": digest}
-        )
-    entry = {**info, "name": name, "shards": files}
-    manifest = read_manifest(out_dir)
-    manifest.setdefault("annotations", {})[name] = entry
-    if not metadata:
-        manifest["metadata_pending"] = True
-    write_json_atomic(manifest, out_dir / MANIFEST_NAME)  # the commit point
-    keep = {Path(f["file"]).name for f in files}
-    for stale in folder.glob("labels-*.arrow"):
-        if stale.name not in keep:
-            stale.unlink()
-    if metadata:
-        write_dataset_metadata(out_dir)  # the card lists the annotations
-    return entry
+    files = [
+        stage_label_file(out_dir, name, record, table, len(records))
+        for record, table in zip(records, tables, strict=True)
+    ]
+    return commit_annotation(out_dir, name, info, files, metadata)
 
 
 def _unknown(where: str, name: str, manifest: dict[str, Any]) -> CSMError:
@@ -303,41 +325,56 @@ def _shard_file(index: int, num_shards: int, digest: str) -> str:
     return f"data-{index:05d}-of-{num_shards:05d}-{digest[:12]}.arrow"
 
 
+def stage_shard(
+    out_dir: str | Path,
+    class_names: list[str],
+    record: dict[str, Any],
+    num_shards: int,
+    labels_for: Callable[[pa.Table], dict[str, Any]],
+) -> dict[str, Any]:
+    """Write the main shard of ``record`` with the labels ``labels_for(its table)`` gives
+    (:func:`read_labels`' columns) under a new content-addressed name next to the current one
+    (nothing is replaced; unreferenced, and removed by :func:`recover`, until
+    :func:`commit_activation`); returns its new record."""
+    out_dir = Path(out_dir)
+    main = read_verified_table(out_dir / record["file"], record)
+    data = _table_bytes(with_labels(main, class_names, labels_for(main)))
+    digest = hashlib.sha256(data).hexdigest()
+    rel = f"{SPLIT}/{_shard_file(record['shard'], num_shards, digest)}"
+    path = out_dir / rel
+    done = path.is_file() and path.stat().st_size == len(data) and file_sha256(path) == digest
+    if not done:  # (a kill before the commit may have left it complete: content-addressed)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    return {**record, "file": rel, "bytes": len(data), "sha256": digest}
+
+
+def label_columns_of(table: pa.Table, main: pa.Table, name: str, shard: int) -> dict[str, Any]:
+    """The label columns of annotation ``name``'s label ``table`` for image shard ``shard``
+    (its table ``main``), as :func:`read_labels` gives them, without reading a file."""
+    return _labels_of(table, main, f"annotation {name}", shard, name)
+
+
 def _stage_shards(
-    out_dir: Path,
-    manifest: dict[str, Any],
-    records: list[dict[str, Any]],
-    name: str,
-    tables: list[pa.Table] | None = None,
+    out_dir: Path, manifest: dict[str, Any], records: list[dict[str, Any]], name: str
 ) -> list[dict[str, Any]]:
-    """Write every main shard with annotation ``name``'s labels (read from its files, or its
-    label ``tables`` as just written) under a new content-addressed name next to the current one
-    (nothing is replaced); returns the new shard records."""
+    """:func:`stage_shard` of every main shard with annotation ``name``'s labels, read from its
+    files; returns the new shard records."""
     names = list(manifest["params"]["class_names"])
-    staged = []
-    for i, record in enumerate(records):
-        main = read_verified_table(out_dir / record["file"], record)
-        if tables is None or name == LAMBDA_NAME:
-            labels = read_labels(out_dir, manifest, name, record["shard"], main, full=True)
-        else:
-            labels = _labels_of(tables[i], main, f"annotation {name}", record["shard"], name)
-        data = _table_bytes(with_labels(main, names, labels))
-        digest = hashlib.sha256(data).hexdigest()
-        rel = f"{SPLIT}/{_shard_file(record['shard'], len(records), digest)}"
-        path = out_dir / rel
-        done = path.is_file() and path.stat().st_size == len(data) and file_sha256(path) == digest
-        if not done:  # (a kill before the commit may have left it complete: content-addressed)
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(data)
-        staged.append({**record, "file": rel, "bytes": len(data), "sha256": digest})
-    return staged
+    return [
+        stage_shard(
+            out_dir,
+            names,
+            record,
+            len(records),
+            lambda main, i=record["shard"]: read_labels(out_dir, manifest, name, i, main, True),
+        )
+        for record in records
+    ]
 
 
-def activate(out_dir: str | Path, name: str, tables: list[pa.Table] | None = None) -> None:
+def activate(out_dir: str | Path, name: str) -> None:
     """Make annotation ``name`` the one in the main shards (see the module docstring).
-
-    ``tables``: the label tables :func:`write_annotation` has just stored for ``name`` (one per
-    shard, in order), so that they are not read back from disk.
 
     The switch-over is all-or-nothing under a kill at any moment: the new main shards are
     written under new content-addressed names beside the current ones, then one atomic replace
@@ -357,10 +394,15 @@ def activate(out_dir: str | Path, name: str, tables: list[pa.Table] | None = Non
     manifest, records = check_dataset(out_dir, activating_ok=True)
     if name not in annotation_names(manifest):
         raise _unknown(str(out_dir), name, manifest)
-    if tables is not None and len(tables) != len(records):
-        raise CSMError(f"annotation {name}: {len(tables)} label tables for {len(records)} shards")
-    staged = _stage_shards(out_dir, manifest, records, name, tables)
+    commit_activation(out_dir, name, _stage_shards(out_dir, manifest, records, name))
+
+
+def commit_activation(out_dir: str | Path, name: str, staged: list[dict[str, Any]]) -> None:
+    """Switch the manifest to the staged main shards of annotation ``name`` (the commit point of
+    :func:`activate`), then rewrite the metadata and delete the old shards (:func:`recover`)."""
+    out_dir = Path(out_dir)
     kill_point("activate:staged")
+    manifest = read_manifest(out_dir)
     entry = (manifest.get("annotations") or {}).get(name)
     manifest["annotation"] = (
         None if entry is None else {k: v for k, v in entry.items() if k != "shards"}
@@ -380,9 +422,9 @@ def recover(out_dir: str | Path, metadata: bool = True) -> bool:
     After a committed activation whose metadata is pending, rewrite the report, ``state.json``,
     ``dataset_info.json`` and the card from the manifest, then clear the flag; delete main
     shards and label files that the manifest does not reference (old ones of a finished
-    switch-over, staged ones of an uncommitted one) and the temporary files of interrupted
-    writes. Changes nothing in a consistent dataset. Call it only from the one process that
-    writes the dataset.
+    switch-over, staged ones of an uncommitted one or of an annotation never committed) and
+    the temporary files of interrupted writes. Changes nothing in a consistent dataset. Call it
+    only from the one process that writes the dataset.
 
     Args:
         out_dir: The dataset.
@@ -410,12 +452,20 @@ def recover(out_dir: str | Path, metadata: bool = True) -> bool:
             if stale.name not in keep:
                 stale.unlink()
                 changed = True
-    for ann, entry in (manifest.get("annotations") or {}).items():
+    entries = manifest.get("annotations") or {}
+    for ann, entry in entries.items():
         keep = {Path(f["file"]).name for f in entry["shards"]}
         for stale in sorted((out_dir / ANNOTATIONS_DIR / ann).glob("labels-*.arrow")):
             if stale.name not in keep:
                 stale.unlink()
                 changed = True
+    # label files staged for an annotation that a kill stopped before its commit
+    for stale in sorted((out_dir / ANNOTATIONS_DIR).glob("*/labels-*.arrow")):
+        if stale.parent.name not in entries:
+            stale.unlink()
+            changed = True
+            if not any(stale.parent.iterdir()):
+                stale.parent.rmdir()
     return bool(clean_temp_files(out_dir)) or changed
 
 
