@@ -574,6 +574,7 @@ def _encode_shards(
                 out.append({**cols, "share": share, "lam_hat": lam_hat, "shard": record["shard"]})
                 if writeback is not None:
                     writeback.send(len(out) - 1, out[-1])
+                    kill_point("annotate:sent")
                 bar.update(len(share))
     except CSMError as exc:  # every process learns it (no process waits forever below)
         error = str(exc)

@@ -22,6 +22,7 @@ writes).
 
 from __future__ import annotations
 
+import os
 import queue as queue_module
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class WriteBack:
         workers: The number of decoding workers (one flush item each).
         queue: ``(position, labels)`` per shard, then one ``None`` per worker; a
             ``multiprocessing`` queue made before the workers are forked.
+        received: Main process: what the workers wrote, as it comes back.
+        parent: The annotating process (a worker whose parent changes stops waiting).
     """
 
     dataset: Path
@@ -62,6 +65,7 @@ class WriteBack:
     workers: int
     queue: Any = field(repr=False)
     received: list[Written] = field(default_factory=list, repr=False)
+    parent: int = field(default_factory=os.getpid, repr=False)
 
     def send(self, i: int, result: dict[str, Any]) -> None:
         """Main process: shard ``i``'s labels are computed."""
@@ -101,11 +105,23 @@ class WriteBack:
             out.append(self._write_message(msg))
 
     def flush(self) -> list[Written]:
-        """Worker: write every label still to come, until an end mark."""
+        """Worker: write every label still to come, until an end mark.
+
+        Raises:
+            CSMError: The main process is gone (killed): the worker stops instead of waiting for
+                labels that never come.
+        """
         out = []
-        while (msg := self.queue.get()) is not None:
+        while True:
+            try:
+                msg = self.queue.get(timeout=1.0)
+            except queue_module.Empty:
+                if os.getppid() != self.parent:
+                    raise CSMError("the annotating process is gone; stopping") from None
+                continue
+            if msg is None:
+                return out
             out.append(self._write_message(msg))
-        return out
 
     def _write_message(self, msg: tuple[int, dict[str, Any]]) -> Written:
         i, labels = msg

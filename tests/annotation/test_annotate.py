@@ -340,6 +340,43 @@ def test_a_worker_killed_while_it_writes_the_labels_leaves_the_dataset_as_it_was
     assert tree_hashes(out) == tree_hashes(clean) and not temp_files(out)
 
 
+def test_a_worker_waiting_for_labels_stops_when_the_annotating_process_is_killed(tmp_path):
+    """Killed (``kill -9``) after it sent a shard's labels, the annotating process leaves no
+    decoding worker behind waiting for the rest (csm.annotation.writeback), and the dataset
+    reads as before."""
+    import time
+
+    from tests.test_reliability import killed_at
+
+    real, enc = _real(), PixelEncoder()
+    out = tmp_path / "syn"
+    _blend_dataset(out, class_prototypes(enc, real, cache_dir=str(tmp_path / "c")).float())
+    old = load_synthetic_tensors(out).soft_labels.numpy()
+    code = (
+        "from csm.annotation.annotate import annotate_dataset\n"
+        "from tests.annotation.test_annotate import PixelEncoder, _real\n"
+        f"annotate_dataset({str(out)!r}, PixelEncoder(), real=_real(), name='x', "
+        f"cache_dir={str(tmp_path / 'c')!r}, num_workers=1)"
+    )
+    killed_at("annotate:sent", code)
+
+    def left() -> list[str]:  # processes still running the code (the worker is a fork of it)
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if str(out).encode() in (proc / "cmdline").read_bytes():
+                    found.append(proc.name)
+            except OSError:
+                continue
+        return found
+
+    deadline = time.monotonic() + 15
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left()
+    assert np.array_equal(load_synthetic_tensors(out).soft_labels.numpy(), old)
+
+
 def test_unknown_annotation_names_the_option_and_the_choices(tmp_path):
     real, enc = _real(), PixelEncoder()
     out = tmp_path / "syn"
