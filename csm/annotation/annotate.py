@@ -48,6 +48,7 @@ import logging
 import math
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -502,9 +503,11 @@ def _decoded_shards(
             multiprocessing_context="fork" if writeback else None,
         )
     )  # the workers start now
+    items, done = len(paths) - 1 + (writeback.workers if writeback else 0), False
     try:
         yield _load_shard(paths[0])
-        for k, item in enumerate(loader):
+        for k in range(items):
+            item = next(loader)
             if isinstance(item, str):
                 raise CSMError(item)
             *shard, written = item
@@ -515,8 +518,27 @@ def _decoded_shards(
             yield tuple(shard)
             if writeback is not None and k == len(paths) - 2:
                 writeback.end()  # the caller has sent the last shard's labels
+        done = True
     finally:
-        del loader  # the last reference: the workers stop now, even if a traceback keeps us
+        if done:  # every item is in: the workers' shutdown (~10 ms of joins) off this thread
+            threading.Thread(target=_shut_down, args=(loader,), daemon=True).start()
+        del loader  # else the last reference: the workers stop now, even under a traceback
+
+
+def _reused(buffers: dict[tuple[int, ...], np.ndarray], pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` copied into the one buffer of its shape: every shard's forward then reads the
+    same memory (each shard arrives in fresh pages; a 0.13 MB copy per 16-px shard)."""
+    buf = buffers.get(pixels.shape)
+    if buf is None:
+        buf = buffers[pixels.shape] = np.empty(pixels.shape, dtype=pixels.dtype)
+    np.copyto(buf, pixels)
+    return buf
+
+
+def _shut_down(loader: Iterator[Any]) -> None:
+    """Let an exhausted DataLoader iterator stop and join its workers (in a thread of its own)."""
+    with contextlib.suppress(Exception):
+        next(loader, None)
 
 
 def _worker_death(exc: BaseException, num_workers: int) -> str | None:
@@ -566,10 +588,17 @@ def _encode_shards(
                 disable=not state.is_main_process,
             ) as bar,
         ):
+            buffers: dict[tuple[int, ...], np.ndarray] = {}
             for record, (cols, pixels) in zip(mine, shards, strict=True):
                 a, b = (torch.from_numpy(cols[c].astype(np.int64)) for c in ("class_a", "class_b"))
                 share, lam_hat = _shard_labels(
-                    np.asarray(pixels), a, b, encoder, protos, squash_s, batch_size
+                    _reused(buffers, np.asarray(pixels)),
+                    a,
+                    b,
+                    encoder,
+                    protos,
+                    squash_s,
+                    batch_size,
                 )
                 out.append({**cols, "share": share, "lam_hat": lam_hat, "shard": record["shard"]})
                 if writeback is not None:
