@@ -4,9 +4,10 @@
 # CE and the sanity section, reliability and risk-coverage figures).
 #
 #   regime converged      train/<dataset>_converged.yaml: the small CNN trained to convergence
-#   regime overconfident  train/<dataset>_overconfident.yaml: a CIFAR ResNet-18 (width 32) on a
-#                         15-per-class subset, no weight decay or augmentation, trained to zero
-#                         loss: CE's OE clearly exceeds its UE and TS at least halves its ECE
+#   regime overconfident  train/<dataset>_overconfident.yaml: a CIFAR ResNet-18 (full width on
+#                         digits, width 32 on mnist5k) on a 15-per-class subset, no weight decay
+#                         or augmentation, trained to zero loss: CE's OE clearly exceeds its UE
+#                         and TS at least halves its ECE (digits: in the debiased estimator only)
 #
 # Protocol (fixed before any run, nothing chosen on test):
 #   * every seed s draws its own split (data seed s) and every model behind the synthetic data of
