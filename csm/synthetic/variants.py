@@ -280,12 +280,16 @@ def read_labels(
     else:
         verify_shard(path, record, full=False)
         table = read_table(path)
-    return _labels_of(table, main, str(path), shard, name)
+    return label_columns_of(table, main, name, shard, where=str(path))
 
 
-def _labels_of(table: pa.Table, main: pa.Table, where: str, shard: int, name: str) -> dict:
-    """The label columns of label table ``table``, checked to key the rows of main shard
-    ``main``."""
+def label_columns_of(
+    table: pa.Table, main: pa.Table, name: str, shard: int, where: str | None = None
+) -> dict[str, Any]:
+    """The label columns of annotation ``name``'s label ``table`` for image shard ``shard`` (its
+    table ``main``), as :func:`read_labels` gives them, checked to key ``main``'s rows
+    (``where``: the table's name in the error, default the annotation's)."""
+    where = where or f"annotation {name}"
     if not np.array_equal(table.column("group_id").to_numpy(), main.column("group_id").to_numpy()):
         raise CSMError(
             f"{where}: its rows do not match image shard {shard}; annotate again with --name {name}"
@@ -347,12 +351,6 @@ def stage_shard(
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
     return {**record, "file": rel, "bytes": len(data), "sha256": digest}
-
-
-def label_columns_of(table: pa.Table, main: pa.Table, name: str, shard: int) -> dict[str, Any]:
-    """The label columns of annotation ``name``'s label ``table`` for image shard ``shard``
-    (its table ``main``), as :func:`read_labels` gives them, without reading a file."""
-    return _labels_of(table, main, f"annotation {name}", shard, name)
 
 
 def _stage_shards(
