@@ -24,7 +24,8 @@
 #   WORK (default .cache/regimes) holds generators, synthetic data and encoders; SEEDS (5);
 #   METHODS (default: the methods the CSM paper compares against, plus CE and CSM; "all": all 16);
 #   PARALLEL=2 trains in two worker processes sharing a queue of methods; STAGE=fit fits only the
-#   generators and encoders (they do not depend on CSM's label choice). A smoke run at toy size:
+#   generators and encoders (they do not depend on CSM's label choice); SPLITS="3 4" limits it to
+#   those splits (two STAGE=fit runs on disjoint splits share the work). A smoke run at toy size:
 #   OUT=/tmp/r/digits-overconfident SEEDS=1 METHODS="ce csm" GEN_STEPS=20 NGROUPS=45 EPOCHS=1
 #   SAMPLE_STEPS=2 (tests/workflows/test_regimes.py runs it so).
 # Every step skips finished work: rerun the same command to resume (also after kill -9).
@@ -99,7 +100,7 @@ build_split() {  # build_split D: generator, encoder, synthetic data and labels 
 }
 
 if [ "${STAGE:-all}" = fit ]; then  # STAGE=fit: only the models (before CSM's label is chosen)
-  for d in $(seq 0 $((SEEDS - 1))); do fit_split "$d"; done
+  for d in ${SPLITS:-$(seq 0 $((SEEDS - 1)))}; do fit_split "$d"; done
   exit 0
 fi
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from csm.data.real import load_real
 from csm.evaluation.leaderboard import read_paired, read_results
 from csm.training.sampler import synthetic_splits
@@ -52,3 +54,28 @@ def test_regimes_script_runs_the_protocol_on_per_split_models(tmp_path: Path):
     assert "## digits, overconfident regime (2 methods x 1 seeds" in head
     assert "Does CSM calibrate, and against whom:" in head
     assert (out.parent / "README.md").is_file() is False  # the repository README is untouched
+
+
+def test_fit_stage_fits_only_the_named_splits(tmp_path: Path):
+    work = tmp_path / "work"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "WORK": str(work),
+        "STAGE": "fit",
+        "SPLITS": "1",
+        "GEN_STEPS": "2",
+        "EPOCHS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    cmd = ["bash", str(REPO / "eval" / "regimes.sh"), "digits", "overconfident"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fitted = work / "digits-overconfident"
+    assert sorted(p.name for p in fitted.iterdir()) == ["d1"]
+    assert (fitted / "d1" / "gen" / "model_index.json").is_file()
+    assert (fitted / "d1" / "encoder-ce-seed100" / "model.safetensors").is_file()
+    # the encoder was trained on split 1 (data seed 1), as the runs of seed 1 are
+    config = yaml.safe_load((fitted / "d1" / "encoder-ce-seed100" / "config.yaml").read_text())
+    assert (config["data_seed"], config["seed"]) == (1, 100)
