@@ -303,9 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         from csm.config import resolve_config
+        from csm.utils import output_locks
 
         cfg = resolve_config(_load(cmd.config), args._config, overrides)
-        with logging_redirect_tqdm():  # log lines go through tqdm.write: bars stay intact
+        # log lines go through tqdm.write (bars stay intact); every folder written is locked
+        with logging_redirect_tqdm(), output_locks():
             result = _load(cmd.run)(cfg)
         _leave_process_group_at_exit(ok=True)
     except CSMError as exc:

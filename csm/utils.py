@@ -39,10 +39,13 @@ __all__ = [
     "claim_output",
     "clean_temp_files",
     "kill_point",
+    "lock_output",
+    "output_locks",
     "output_owner",
     "distributed_state",
     "process_rows",
     "resolve_device",
+    "unlock_output",
 ]
 
 
@@ -147,6 +150,9 @@ def process_rows(n: int, rank: int, world: int) -> slice:
 OWNER_FILE = ".csm-owner.json"
 """The marker file naming the command that owns an output folder."""
 
+_HELD_LOCKS: dict[Path, int] = {}  # folder -> descriptor (of the folder) holding its lock
+_LOCKING = [False]  # True inside output_locks()
+
 OUTPUT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "demo": ("csm demo", ("demo.json",)),
     "benchmark": ("csm benchmark", ("benchmark.json",)),
@@ -185,6 +191,91 @@ def output_owner(out: str | os.PathLike) -> str | None:
 def _has_content(out: Path) -> bool:
     """Whether ``out`` holds anything besides the marker and temporary files of atomic writes."""
     return any(p.name != OWNER_FILE and not _TEMP_RE.match(p.name) for p in out.iterdir())
+
+
+@contextlib.contextmanager
+def output_locks() -> Iterator[None]:
+    """Lock every folder a command writes while it runs (:func:`lock_output`); ``csm`` uses it.
+
+    Inside the block, :func:`claim_output` and the dataset writers take an exclusive lock on the
+    folder they write, so a second csm process that would write the same folder (a resubmitted
+    job, a second terminal) stops with one line naming the first instead of deleting its
+    temporary or staged files. The locks are released when the block ends (or the process dies,
+    ``kill -9`` included). Wrap an API call in it to get the same protection from a notebook::
+
+        with output_locks():
+            generate(cfg)
+    """
+    outer = _LOCKING[0]
+    _LOCKING[0] = True
+    try:
+        yield
+    finally:
+        _LOCKING[0] = outer
+        if not outer:
+            for fd in _HELD_LOCKS.values():
+                os.close(fd)
+            _HELD_LOCKS.clear()
+
+
+def lock_output(out: str | os.PathLike, command: str, flag: str = "--out") -> None:
+    """Hold an exclusive lock on folder ``out`` until :func:`output_locks` ends.
+
+    The lock is an ``flock`` on the folder itself (nothing is written): the kernel drops it when
+    the holder dies, so a killed run never leaves a stale lock. Re-entrant within a process;
+    outside :func:`output_locks` a no-op. Processes of one ``accelerate launch`` other than rank 0
+    do not lock: rank 0 holds the lock for the job. No-op where ``fcntl`` does not exist.
+
+    Args:
+        out: The folder (it exists).
+        command: The command that writes it, named in the error of a second writer.
+        flag: The option ``out`` came from, named in that error.
+
+    Raises:
+        CSMError: Another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    path = Path(out).resolve()
+    if not _LOCKING[0] or path in _HELD_LOCKS or int(os.environ.get("RANK", "0") or 0) != 0:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CSMError(
+            f"{flag} {out}: another csm process is writing this folder ({command} cannot write it "
+            "now); wait for that process to end, or stop it, then run the command again"
+        ) from None
+    _HELD_LOCKS[path] = fd
+
+
+def _locked_elsewhere(folder: Path) -> bool:
+    """Whether another process holds the lock of ``folder`` (:func:`lock_output`) right now."""
+    if folder.resolve() in _HELD_LOCKS:
+        return False
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
+    return False
+
+
+def unlock_output(out: str | os.PathLike) -> None:
+    """Release this process's lock on ``out`` (:func:`lock_output`), e.g. before removing it."""
+    fd = _HELD_LOCKS.pop(Path(out).resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def check_output(
@@ -244,14 +335,20 @@ def claim_output(
     """Make ``out`` a folder owned by ``kind``: :func:`check_output`, then write the marker.
 
     With ``overwrite`` the folder's contents are deleted first (it is owned by ``kind``, or
-    empty); call this only after every input has been validated. Temporary files of interrupted
-    atomic writes inside the folder are removed (:func:`clean_temp_files`).
+    empty); call this only after every input has been validated. The folder is locked for this
+    process first (:func:`lock_output`): a second writer stops before it deletes anything; not a
+    benchmark's folder, into which several ``csm benchmark`` workers may train disjoint methods
+    (each run folder is locked by the worker training it). Temporary files of interrupted atomic
+    writes inside the folder are removed (:func:`clean_temp_files`).
 
     Returns:
         The folder.
     """
     path = Path(out)
     owned = check_output(path, kind, overwrite=overwrite, resume=resume, flag=flag)
+    path.mkdir(parents=True, exist_ok=True)
+    if kind != "benchmark":  # benchmark workers share one --out; each locks the runs it trains
+        lock_output(path, OUTPUT_KINDS[kind][0], flag=flag)  # before anything is deleted
     if owned and overwrite:
         for child in sorted(path.iterdir()):
             if child.name == OWNER_FILE:
@@ -260,7 +357,6 @@ def claim_output(
                 shutil.rmtree(child)
             else:
                 child.unlink()
-    path.mkdir(parents=True, exist_ok=True)
     if output_owner(path) != kind or not (path / OWNER_FILE).is_file():
         marker = {"kind": kind, "command": OUTPUT_KINDS[kind][0]}
         atomic_write_text(path / OWNER_FILE, json.dumps(marker) + "\n")
@@ -272,14 +368,18 @@ def clean_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that interrupted :func:`atomic_path` writes left in ``folder``.
 
     Only names of the form ``.<name>.<8 chars>.tmp<suffix>`` (what :func:`atomic_path` creates)
-    are removed, in ``folder`` and its sub-folders. Call it only on a folder this process owns and
-    no other process is writing.
+    are removed, in ``folder`` and its sub-folders, except in sub-folders another process holds
+    the lock of (:func:`lock_output`: e.g. the run folders that a second ``csm benchmark`` worker
+    trains into the same ``--out``). Call it only on a folder this process owns.
 
     Returns:
         The removed paths.
     """
     removed = []
-    for root, _, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
+        if _locked_elsewhere(Path(root)):
+            dirs[:] = []  # another process is writing this folder: its files are its own
+            continue
         for name in files:
             if _TEMP_RE.match(name):
                 p = Path(root) / name

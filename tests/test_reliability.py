@@ -290,3 +290,117 @@ def test_uncached_hub_model_offline_is_one_short_line(tmp_path, capsys):
     assert err.startswith("csm: error: someone/not-a-model: no such folder, and not in the")
     assert "\n" not in err and len(err) < 300 and "Couldn't connect" not in err
     assert not out.exists()
+
+
+HOLD = """
+import sys, time
+from csm.utils import claim_output, output_locks
+out = sys.argv[1]
+with output_locks():
+    claim_output(out, sys.argv[2])
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+def hold_lock(out: Path, kind: str) -> subprocess.Popen:
+    """A process that owns ``out`` as ``kind`` and holds its lock, as a writing csm command."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out), kind], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_stops_before_it_touches_the_first_ones_files(tmp_path):
+    import torch
+    from diffusers import DDIMScheduler
+
+    from csm.generation.pipeline import CSMMixingPipeline, build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(3, image_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
+    sched = DDIMScheduler(num_train_timesteps=50, beta_schedule="linear", clip_sample=False)
+    model = tmp_path / "pipe"
+    CSMMixingPipeline(unet=unet, scheduler=sched, class_names=["a", "b", "c"]).save_pretrained(
+        model
+    )
+    out = tmp_path / "syn"
+    first = hold_lock(out, "synthetic")  # a csm generate writing `out`, mid-shard
+    partial = out / ".data-00000-of-00003.arrow.abcd1234.tmp.arrow"
+    partial.write_text("the first writer's shard, half written")
+    before = tree_hashes(out)
+    cmd = [sys.executable, "-m", "csm", "generate", "--model", str(model), "--out", str(out)]
+    cmd += ["--groups", "3", "--group-size", "2", "--steps", "1", "--groups-per-shard", "1"]
+    cmd += ["--device", "cpu", "--resume"]
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        first.kill()  # as kill -9: the kernel drops its lock
+        first.wait()
+    assert second.returncode == 2
+    assert "Traceback" not in second.stderr
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"csm: error: --out {out}: another csm process is writing this folder (csm generate "
+        "cannot write it now); wait for that process to end, or stop it, then run the command again"
+    )
+    assert tree_hashes(out) == before  # its temporary file was not deleted
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # no stale lock
+    assert done.returncode == 0, done.stderr
+    assert not partial.exists() and (out / "csm_synthetic.json").is_file()
+
+
+def test_output_locks_are_reentrant_released_at_the_end_and_off_outside(tmp_path):
+    from csm.utils import output_locks
+
+    free = tmp_path / "free"
+    claim_output(free, "run")  # outside output_locks (a notebook call): no lock is kept
+    hold_lock_or_fail(free, expect_held=True).kill()
+    out = tmp_path / "run"
+    with output_locks():
+        claim_output(out, "run")
+        claim_output(out, "run", resume=True)  # the same process again: no error
+        with pytest.raises(subprocess.TimeoutExpired):  # another process cannot take it
+            hold_lock_or_fail(out)
+    hold_lock_or_fail(out, expect_held=True).kill()  # released when the block ended
+
+
+def hold_lock_or_fail(out: Path, expect_held: bool = False) -> subprocess.Popen:
+    """``hold_lock``, bounded: a process refused the lock exits at once with its error."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out), "run"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline().strip()
+    if line != "held":
+        err = proc.stderr.read()
+        proc.wait()
+        assert "another csm process is writing this folder" in err
+        raise subprocess.TimeoutExpired(proc.args, 0)  # refused, as the caller expects
+    assert expect_held
+    return proc
+
+
+def test_cleaning_skips_the_folders_another_process_writes(tmp_path):
+    from csm.utils import clean_temp_files, output_locks
+
+    bench = claim_output(tmp_path / "bench", "benchmark")
+    run = bench / "runs" / "ls" / "seed0"
+    worker = hold_lock(run, "run")  # a second benchmark worker, training this run
+    theirs = run / ".model.safetensors.abcd1234.tmp.safetensors"
+    theirs.write_text("their checkpoint, half written")
+    ours = bench / ".results.csv.abcd1234.tmp.csv"
+    ours.write_text("an interrupted write of this folder")
+    try:
+        with output_locks():
+            claim_output(bench, "benchmark")  # its folder is shared by the workers, not locked
+        assert not ours.exists() and theirs.exists()
+    finally:
+        worker.kill()
+        worker.wait()
+    assert clean_temp_files(bench) == [theirs]  # once its writer is gone, it is debris

@@ -79,7 +79,7 @@ from csm.synthetic.storage import (
     verify_shard,
     write_json_atomic,
 )
-from csm.utils import atomic_path, clean_temp_files, kill_point
+from csm.utils import atomic_path, clean_temp_files, kill_point, lock_output
 
 logger = logging.getLogger(__name__)
 
@@ -432,6 +432,7 @@ def recover(out_dir: str | Path, metadata: bool = True) -> bool:
     Returns:
         Whether anything was changed.
     """
+    lock_output(out_dir, "csm annotate", flag="dataset")  # a second writer stops here
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if not manifest.get("finalized"):

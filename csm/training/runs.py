@@ -50,6 +50,7 @@ from csm.utils import (
     check_output,
     claim_output,
     clean_temp_files,
+    unlock_output,
 )
 
 __all__ = [
@@ -341,6 +342,7 @@ def discard_failed_run(out: Path, created: bool) -> None:
     remove_run(out)
     if created:
         (out / OWNER_FILE).unlink(missing_ok=True)
+        unlock_output(out)
         clean_temp_files(out)
         try:
             out.rmdir()
