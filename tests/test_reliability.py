@@ -252,11 +252,11 @@ def test_os_exit_during_first_config_write_then_resume(tmp_path):
     assert not temp_files(out) and result_hashes(out) == result_hashes(clean)
 
 
-def test_os_exit_during_a_shard_write_then_resume(tmp_path):
+def tiny_pipeline(tmp_path: Path) -> Path:
+    """A 3-class 8-px CSM mixing pipeline saved under ``tmp_path/pipe``."""
     import torch
     from diffusers import DDIMScheduler
 
-    from csm.generation.generate import GenerateConfig, generate
     from csm.generation.pipeline import CSMMixingPipeline, build_unet
 
     torch.manual_seed(0)
@@ -266,6 +266,13 @@ def test_os_exit_during_a_shard_write_then_resume(tmp_path):
     CSMMixingPipeline(unet=unet, scheduler=sched, class_names=["a", "b", "c"]).save_pretrained(
         model
     )
+    return model
+
+
+def test_os_exit_during_a_shard_write_then_resume(tmp_path):
+    from csm.generation.generate import GenerateConfig, generate
+
+    model = tiny_pipeline(tmp_path)
     opts = dict(model=str(model), groups=3, group_size=2, steps=1, groups_per_shard=1)
     opts |= dict(device="cpu")
     generate(GenerateConfig(out=str(tmp_path / "clean"), **opts))
@@ -314,18 +321,7 @@ def hold_lock(out: Path, kind: str) -> subprocess.Popen:
 
 
 def test_a_second_writer_stops_before_it_touches_the_first_ones_files(tmp_path):
-    import torch
-    from diffusers import DDIMScheduler
-
-    from csm.generation.pipeline import CSMMixingPipeline, build_unet
-
-    torch.manual_seed(0)
-    unet = build_unet(3, image_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
-    sched = DDIMScheduler(num_train_timesteps=50, beta_schedule="linear", clip_sample=False)
-    model = tmp_path / "pipe"
-    CSMMixingPipeline(unet=unet, scheduler=sched, class_names=["a", "b", "c"]).save_pretrained(
-        model
-    )
+    model = tiny_pipeline(tmp_path)
     out = tmp_path / "syn"
     first = hold_lock(out, "synthetic")  # a csm generate writing `out`, mid-shard
     partial = out / ".data-00000-of-00003.arrow.abcd1234.tmp.arrow"
