@@ -29,6 +29,11 @@ import torch
 
 from csm.errors import CSMError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX: folders are not locked
+    fcntl = None
+
 __all__ = [
     "KILL_ENV",
     "OUTPUT_KINDS",
@@ -199,8 +204,8 @@ def output_locks() -> Iterator[None]:
 
     Inside the block, :func:`claim_output` and the dataset writers take an exclusive lock on the
     folder they write, so a second csm process that would write the same folder (a resubmitted
-    job, a second terminal) stops with one line naming the first instead of deleting its
-    temporary or staged files. The locks are released when the block ends (or the process dies,
+    job, a second terminal) stops with one line instead of deleting the first one's temporary
+    or staged files. The locks are released when the block ends (or the process dies,
     ``kill -9`` included). Wrap an API call in it to get the same protection from a notebook::
 
         with output_locks():
@@ -234,12 +239,9 @@ def lock_output(out: str | os.PathLike, command: str, flag: str = "--out") -> No
     Raises:
         CSMError: Another process holds the lock.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
-        return
     path = Path(out).resolve()
-    if not _LOCKING[0] or path in _HELD_LOCKS or int(os.environ.get("RANK", "0") or 0) != 0:
+    secondary_rank = int(os.environ.get("RANK", "0") or 0) != 0
+    if fcntl is None or not _LOCKING[0] or path in _HELD_LOCKS or secondary_rank:
         return
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -255,11 +257,7 @@ def lock_output(out: str | os.PathLike, command: str, flag: str = "--out") -> No
 
 def _locked_elsewhere(folder: Path) -> bool:
     """Whether another process holds the lock of ``folder`` (:func:`lock_output`) right now."""
-    if folder.resolve() in _HELD_LOCKS:
-        return False
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
+    if fcntl is None or folder.resolve() in _HELD_LOCKS:
         return False
     fd = os.open(folder, os.O_RDONLY)
     try:

@@ -17,12 +17,17 @@ from csm.training.sampler import synthetic_splits
 REPO = Path(__file__).resolve().parents[2]
 
 
+def offline_env() -> dict[str, str]:
+    """The environment of a regimes.sh run: this Python's csm first on PATH, the Hub offline."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
 def test_regimes_script_runs_the_protocol_on_per_split_models(tmp_path: Path):
     out = tmp_path / "results" / "digits-overconfident"
     work = tmp_path / "work"
     env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **offline_env(),
         "OUT": str(out),
         "WORK": str(work),
         "SEEDS": "1",
@@ -32,8 +37,6 @@ def test_regimes_script_runs_the_protocol_on_per_split_models(tmp_path: Path):
         "EPOCHS": "1",
         "SAMPLE_STEPS": "2",
         "CSM_LABEL": "pair-fit",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
     }
     cmd = ["bash", str(REPO / "eval" / "regimes.sh"), "digits", "overconfident"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -58,17 +61,8 @@ def test_regimes_script_runs_the_protocol_on_per_split_models(tmp_path: Path):
 
 def test_fit_stage_fits_only_the_named_splits(tmp_path: Path):
     work = tmp_path / "work"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "WORK": str(work),
-        "STAGE": "fit",
-        "SPLITS": "1",
-        "GEN_STEPS": "2",
-        "EPOCHS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
+    env = {**offline_env(), "WORK": str(work), "STAGE": "fit", "SPLITS": "1"}
+    env |= {"GEN_STEPS": "2", "EPOCHS": "1"}
     cmd = ["bash", str(REPO / "eval" / "regimes.sh"), "digits", "overconfident"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
