@@ -9,8 +9,8 @@
 #
 # usage: bash eval/ablations.sh [PARALLEL [VARIANT ...]]
 #   PARALLEL=2: two variants at a time; VARIANT names (see VARIANTS below) run only those.
-# Writes eval/results/digits-ablations/<variant>/ (one csm benchmark per variant) and
-# eval/results/digits-ablations/ablations.md (python eval/summarize.py).
+# Writes eval/results/fast-recipes/digits-ablations/<variant>/ (one csm benchmark per variant) and
+# its ablations.md (python eval/summarize.py). Superseded with the fast recipes by eval/regimes.sh.
 set -euo pipefail
 PARALLEL=${1:-1}
 ONLY=("${@:2}")
@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 D=$WORK/digits
 MODEL=$WORK/cache/diffusion-digits-small-1500steps
 ENCODER=$D/encoder-ce-seed100
-OUT=eval/results/digits-ablations
+OUT=eval/results/fast-recipes/digits-ablations
 SYN=$D/syn
 SYN_EPS=$D/syn-eps
 for need in "$MODEL/model_index.json" "$ENCODER/model.safetensors" "$SYN/csm_synthetic.json"; do

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13 (fidelity to the papers and reference code): retrain every method whose default
 # behaviour changed, 5 seeds, with the committed recipes, into eval/results/fidelity-<dataset>-5seeds/.
-# Compare with the committed eval/results/<dataset>-5seeds/ (same recipes, seeds, splits).
+# Compare with the committed eval/results/fast-recipes/<dataset>-5seeds/ (same recipes, seeds, splits).
 #   refcal     stage 2 at lr 5 / weight decay 0, SupCon tau/0.07 scale, SupConViews views
 #   rankmixup  alpha 2, self-mixed pairs masked, separate clean / mixed forwards
 #   mbls       margin penalty averaged over classes (reference) instead of summed

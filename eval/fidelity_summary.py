@@ -1,9 +1,10 @@
 """Before/after table of the methods issue 13 changed, from committed results.csv files.
 
-Before: eval/results/<dataset>-5seeds (the committed benchmark); after: the fidelity re-runs of
-``eval/fidelity.sh`` (same recipes, seeds and splits; clean test). Cells are mean ± sample std
-over seeds 0-4 of test accuracy, ECE (15 equal-width bins) and ECE after temperature scaling
-fitted on val, in %. Usage: ``python eval/fidelity_summary.py > eval/results/fidelity.md``.
+Before: eval/results/fast-recipes/<dataset>-5seeds (the committed fast-recipe benchmark); after:
+the fidelity re-runs of ``eval/fidelity.sh`` (same recipes, seeds and splits; clean test). Cells
+are mean ± sample std over seeds 0-4 of test accuracy, ECE (15 equal-width bins) and ECE after
+temperature scaling fitted on val, in %. Usage: ``python eval/summarize.py`` (or ``python
+eval/fidelity_summary.py > eval/results/fidelity.md``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def table(results: Path = RESULTS) -> str:
     ]
     for ds in ("digits", "mnist5k"):
         runs = {
-            "before (committed)": results / f"{ds}-5seeds" / "results.csv",
+            "before (committed)": results / "fast-recipes" / f"{ds}-5seeds" / "results.csv",
             "after (reference defaults)": results / f"fidelity-{ds}-5seeds" / "results.csv",
             "after, refcal views=trainer": results
             / f"fidelity-{ds}-5seeds-refcal-views-trainer"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Full benchmark of one embedded dataset, from nothing to eval/results/<dataset>-5seeds/:
+# Full benchmark of one embedded dataset with the fast recipe train/<dataset>.yaml (issue 5;
+# superseded by eval/regimes.sh), from nothing to eval/results/fast-recipes/<dataset>-5seeds/:
 #   1. fit the class-conditional diffusion model (csm fit-diffusion, preset small)
 #   2. generate the semantic-mixing groups once (csm generate; its lambda labels stay available
 #      as the built-in annotation DIR:lambda)
@@ -32,7 +33,7 @@ MODEL=$WORK/cache/diffusion-$DATASET-small-${DIFF_STEPS}steps
 SYN_DIR=$WORK/$DATASET/syn
 SYN=$SYN_DIR:s4
 ENCODER=$WORK/$DATASET/encoder-ce-seed100
-OUT=eval/results/$DATASET-5seeds
+OUT=eval/results/fast-recipes/$DATASET-5seeds
 
 finished() { [ -f "$1/csm_synthetic.json" ] && python -c "import json,sys; sys.exit(0 if json.load(open('$1/csm_synthetic.json')).get('finalized') else 1)"; }
 # has_annotation DIR NAME: the dataset holds the named annotation NAME

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -123,3 +124,44 @@ def test_mixing_summary_chooses_the_label_mode_on_validation_only(tmp_path: Path
     chosen, lines = mixing_summary.choose_on_val(out)
     assert chosen == "pair-fit" and len(lines) == 3  # mean val ECE 5.5, 4.5, 4.0; test unread
     assert lines[1] == "- judge-ts: val ECE 4.50 ± 2.12, val Acc 90.00 ± 0.00 (2 seeds)"
+
+
+def _copy_results(src: Path, dst: Path) -> None:
+    """The committed kinds of files of ``src`` (tables, configs, run records), not weights,
+    caches or figures."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        keep = (".csv", ".md", ".json", ".yaml")
+        return {
+            n
+            for n in names
+            if n in ("eval_cache", "checkpoints")
+            or (not (Path(folder) / n).is_dir() and not n.endswith(keep))
+        }
+
+    shutil.copytree(src, dst, ignore=ignore)
+
+
+def test_summarize_regenerates_every_committed_table(tmp_path: Path):
+    """The acceptance of issue 15: every committed table is what ``python eval/summarize.py``
+    writes from the committed results (so no figure was edited by hand)."""
+    results = tmp_path / "results"
+    _copy_results(REPO / "eval" / "results", results)
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    written = [
+        "headline.md",
+        "fast-recipes/headline.md",
+        "fast-recipes/digits-ablations/ablations.md",
+        "digits-mixing-ablations/summary.md",
+        "mnist5k-mixing-ablations/summary.md",
+        "fidelity.md",
+    ]
+    for name in written:
+        (results / name).write_text("stale\n")
+    sys.argv = ["summarize.py", "--results", str(results), "--readme", str(readme)]
+    summarize.main()
+    for name in written:
+        committed = (REPO / "eval" / "results" / name).read_text()
+        assert (results / name).read_text() == committed, f"eval/results/{name} is not regenerated"
+    assert readme.read_text() == (REPO / "README.md").read_text()
