@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ __all__ = [
     "distributed_state",
     "process_rows",
     "resolve_device",
+    "share_output",
     "unlock_output",
 ]
 
@@ -156,6 +158,7 @@ OWNER_FILE = ".csm-owner.json"
 """The marker file naming the command that owns an output folder."""
 
 _HELD_LOCKS: dict[Path, int] = {}  # folder -> descriptor (of the folder) holding its lock
+_SHARED_LOCKS: set[Path] = set()  # the folders of _HELD_LOCKS held shared (benchmark workers)
 _LOCKING = [False]  # True inside output_locks()
 
 OUTPUT_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -221,10 +224,13 @@ def output_locks() -> Iterator[None]:
             for fd in _HELD_LOCKS.values():
                 os.close(fd)
             _HELD_LOCKS.clear()
+            _SHARED_LOCKS.clear()
 
 
-def lock_output(out: str | os.PathLike, command: str, flag: str = "--out") -> None:
-    """Hold an exclusive lock on folder ``out`` until :func:`output_locks` ends.
+def lock_output(
+    out: str | os.PathLike, command: str, flag: str = "--out", *, shared: bool = False
+) -> bool:
+    """Hold a lock on folder ``out`` until :func:`output_locks` ends.
 
     The lock is an ``flock`` on the folder itself (nothing is written): the kernel drops it when
     the holder dies, so a killed run never leaves a stale lock. Re-entrant within a process;
@@ -235,24 +241,56 @@ def lock_output(out: str | os.PathLike, command: str, flag: str = "--out") -> No
         out: The folder (it exists).
         command: The command that writes it, named in the error of a second writer.
         flag: The option ``out`` came from, named in that error.
+        shared: Several processes may hold the lock together (the workers of one ``csm
+            benchmark --out``); it is taken exclusively when no other process holds it, so the
+            caller may clean the folder, then made shared by :func:`share_output`.
+
+    Returns:
+        Whether no other process holds the folder (always True for an exclusive lock, and
+        where nothing is locked).
 
     Raises:
-        CSMError: Another process holds the lock.
+        CSMError: Another process holds the lock (exclusively, for ``shared``).
     """
     path = Path(out).resolve()
     secondary_rank = int(os.environ.get("RANK", "0") or 0) != 0
     if fcntl is None or not _LOCKING[0] or path in _HELD_LOCKS or secondary_rank:
-        return
+        return path not in _SHARED_LOCKS
     fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    alone = _try_flock(fd, fcntl.LOCK_EX)
+    # a shared holder waits out another worker's brief exclusive claim (while it cleans)
+    if not alone and not (shared and _try_flock(fd, fcntl.LOCK_SH, wait_s=30.0)):
         os.close(fd)
         raise CSMError(
             f"{flag} {out}: another csm process is writing this folder ({command} cannot write it "
             "now); wait for that process to end, or stop it, then run the command again"
-        ) from None
+        )
     _HELD_LOCKS[path] = fd
+    if not alone:
+        _SHARED_LOCKS.add(path)
+    return alone
+
+
+def share_output(out: str | os.PathLike) -> None:
+    """Turn this process's exclusive lock on ``out`` into a shared one (:func:`lock_output`)."""
+    path = Path(out).resolve()
+    fd = _HELD_LOCKS.get(path)
+    if fd is not None and path not in _SHARED_LOCKS:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _SHARED_LOCKS.add(path)
+
+
+def _try_flock(fd: int, mode: int, wait_s: float = 0.0) -> bool:
+    """``flock(fd, mode)``, retried for up to ``wait_s`` seconds; whether it was granted."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
 
 def _locked_elsewhere(folder: Path) -> bool:
@@ -272,6 +310,7 @@ def _locked_elsewhere(folder: Path) -> bool:
 def unlock_output(out: str | os.PathLike) -> None:
     """Release this process's lock on ``out`` (:func:`lock_output`), e.g. before removing it."""
     fd = _HELD_LOCKS.pop(Path(out).resolve(), None)
+    _SHARED_LOCKS.discard(Path(out).resolve())
     if fd is not None:
         os.close(fd)
 
@@ -334,10 +373,11 @@ def claim_output(
 
     With ``overwrite`` the folder's contents are deleted first (it is owned by ``kind``, or
     empty); call this only after every input has been validated. The folder is locked for this
-    process first (:func:`lock_output`): a second writer stops before it deletes anything; not a
-    benchmark's folder, into which several ``csm benchmark`` workers may train disjoint methods
-    (each run folder is locked by the worker training it). Temporary files of interrupted atomic
-    writes inside the folder are removed (:func:`clean_temp_files`).
+    process first (:func:`lock_output`): a second writer stops before it deletes anything. A
+    benchmark's folder is locked shared: several ``csm benchmark`` workers may train disjoint
+    methods into it (each run folder is locked by the worker training it). Temporary files of
+    interrupted atomic writes inside the folder are removed (:func:`clean_temp_files`), unless
+    another benchmark worker holds the folder (they may be its writes in progress).
 
     Returns:
         The folder.
@@ -345,8 +385,8 @@ def claim_output(
     path = Path(out)
     owned = check_output(path, kind, overwrite=overwrite, resume=resume, flag=flag)
     path.mkdir(parents=True, exist_ok=True)
-    if kind != "benchmark":  # benchmark workers share one --out; each locks the runs it trains
-        lock_output(path, OUTPUT_KINDS[kind][0], flag=flag)  # before anything is deleted
+    # before anything is deleted; benchmark workers share one --out (each locks the runs it trains)
+    alone = lock_output(path, OUTPUT_KINDS[kind][0], flag=flag, shared=kind == "benchmark")
     if owned and overwrite:
         for child in sorted(path.iterdir()):
             if child.name == OWNER_FILE:
@@ -358,7 +398,10 @@ def claim_output(
     if output_owner(path) != kind or not (path / OWNER_FILE).is_file():
         marker = {"kind": kind, "command": OUTPUT_KINDS[kind][0]}
         atomic_write_text(path / OWNER_FILE, json.dumps(marker) + "\n")
-    clean_temp_files(path)
+    if alone:  # with another benchmark worker here, a temporary file may be one it is writing
+        clean_temp_files(path)
+    if kind == "benchmark":
+        share_output(path)
     return path
 
 

@@ -400,3 +400,24 @@ def test_cleaning_skips_the_folders_another_process_writes(tmp_path):
         worker.kill()
         worker.wait()
     assert clean_temp_files(bench) == [theirs]  # once its writer is gone, it is debris
+
+
+def test_benchmark_workers_share_their_folder_and_keep_each_others_writes(tmp_path):
+    from csm.utils import lock_output, output_locks
+
+    bench = tmp_path / "bench"
+    worker = hold_lock(bench, "benchmark")  # a first worker of `csm benchmark --out bench`
+    theirs = bench / ".results.csv.abcd1234.tmp.csv"
+    theirs.write_text("the first worker's results table, half written")
+    try:
+        with output_locks():
+            claim_output(bench, "benchmark")  # a second worker joins: shared, nothing deleted
+            assert theirs.exists()
+        with output_locks(), pytest.raises(CSMError, match="another csm process is writing"):
+            lock_output(bench, "csm evaluate")  # an exclusive writer is still refused
+    finally:
+        worker.kill()
+        worker.wait()
+    with output_locks():
+        claim_output(bench, "benchmark")  # alone now: the first worker's write is debris
+    assert not theirs.exists()
