@@ -17,15 +17,21 @@
 #     synthetic data whose recorded split differs (csm.training.sampler.check_synthetic_split);
 #   * the calibrators are fitted on val (30% of the non-test images), its size and error count
 #     per run are in the leaderboard's sanity section (runs under 20 errors are flagged);
-#   * CSM's label mode is the one chosen on validation by the mixing ablations
-#     (eval/results/*-mixing-ablations/summary.md, CSM_LABEL below).
+#   * CSM's label mode is chosen on validation only, per regime: STAGE=choose trains CSM with
+#     each label mode of CSM_CHOICES (train only, csm benchmark --evaluate false; the regime's own
+#     CSM runs answer for their label) and eval/csm_choice.py keeps the lowest mean val ECE (the
+#     rule of the mixing ablations, eval/results/*-mixing-ablations/summary.md); CSM_LABEL=auto
+#     then uses it (its table: OUT/csm_choice.md). CSM_LABEL=s4|judge-ts|pair-fit fixes it.
 #
 # usage: bash eval/regimes.sh digits|mnist5k converged|overconfident [PARALLEL]
 #   WORK (default .cache/regimes) holds generators, synthetic data and encoders; SEEDS (5);
 #   METHODS (default: the methods the CSM paper compares against, plus CE and CSM; "all": all 16);
 #   PARALLEL=2 trains in two worker processes sharing a queue of methods; STAGE=fit fits only the
 #   generators and encoders (they do not depend on CSM's label choice); SPLITS="3 4" limits it to
-#   those splits (two STAGE=fit runs on disjoint splits share the work). A smoke run at toy size:
+#   those splits (two STAGE=fit runs on disjoint splits share the work); STAGE=choose chooses
+#   CSM's label mode on validation (above; CSM_CHOICES, default "s4 judge-ts pair-fit"), after
+#   which CSM_LABEL=auto runs the benchmark with it, moving CSM runs of another label mode out of
+#   OUT to WORK/choice/superseded/ (their run.json are kept there). A smoke run at toy size:
 #   OUT=/tmp/r/digits-overconfident SEEDS=1 METHODS="ce csm" GEN_STEPS=20 NGROUPS=45 EPOCHS=1
 #   SAMPLE_STEPS=2 (tests/workflows/test_regimes.py runs it so).
 # Every step skips finished work: rerun the same command to resume (also after kill -9).
@@ -51,14 +57,26 @@ NGROUPS=${NGROUPS:-$GROUPS_DEFAULT}
 SAMPLE_STEPS=${SAMPLE_STEPS:-25}  # DDIM steps per image
 EPOCH_ARGS=(); [ -n "${EPOCHS:-}" ] && EPOCH_ARGS=(--epochs "$EPOCHS")
 # CSM's configuration, chosen on validation by the mixing ablations (their summary.md names it)
-CSM_LABEL=${CSM_LABEL:-s4}  # s4 | judge-ts | pair-fit
+CSM_LABEL=${CSM_LABEL:-s4}  # s4 | judge-ts | pair-fit | auto (STAGE=choose's choice)
+CSM_CHOICES=${CSM_CHOICES:-s4 judge-ts pair-fit}
+CHOICE=$WORK/choice
 CSM_SCHEDULE=${CSM_SCHEDULE:-uniform}  # uniform | targeted (from a 90-group pilot per split)
-case "$CSM_LABEL" in
-  s4) LABEL_ARGS=(--squash 4) ;;
-  judge-ts) LABEL_ARGS=(--label-mode judge) ;;
-  pair-fit) LABEL_ARGS=(--label-mode pair-fit) ;;
-  *) echo "regimes.sh: CSM_LABEL=$CSM_LABEL; use s4, judge-ts or pair-fit" >&2; exit 2 ;;
-esac
+label_args() {  # label_args NAME: the csm annotate options of the label mode NAME
+  case "$1" in
+    s4) echo --squash 4 ;;
+    judge-ts) echo --label-mode judge ;;
+    pair-fit) echo --label-mode pair-fit ;;
+    *) return 1 ;;
+  esac
+}
+for name in $CSM_CHOICES; do
+  label_args "$name" >/dev/null || { echo "regimes.sh: CSM_CHOICES has $name; use s4, judge-ts or pair-fit" >&2; exit 2; }
+done
+if [ "$CSM_LABEL" = auto ] && [ "${STAGE:-all}" = all ]; then
+  [ -f "$CHOICE/choice.json" ] || { echo "regimes.sh: CSM_LABEL=auto needs the choice on validation first: STAGE=choose bash eval/regimes.sh $DATASET $REGIME" >&2; exit 2; }
+  CSM_LABEL=$(python -c "import json; print(json.load(open('$CHOICE/choice.json'))['chosen'])")
+fi
+[ "$CSM_LABEL" = auto ] || label_args "$CSM_LABEL" >/dev/null || { echo "regimes.sh: CSM_LABEL=$CSM_LABEL; use s4, judge-ts, pair-fit or auto" >&2; exit 2; }
 case "$CSM_SCHEDULE" in uniform|targeted) ;; *) echo "regimes.sh: CSM_SCHEDULE=$CSM_SCHEDULE; use uniform or targeted" >&2; exit 2 ;; esac
 OUT=${OUT:-eval/results/$DATASET-$REGIME}
 # the split options of the recipe, passed to every model behind the synthetic data
@@ -70,10 +88,11 @@ if [ -n "$PER_CLASS" ]; then SPLIT+=(--train-per-class "$PER_CLASS"); REAL_SPLIT
 finished() { [ -f "$1/csm_synthetic.json" ] && python -c "import json,sys; sys.exit(0 if json.load(open('$1/csm_synthetic.json')).get('finalized') else 1)"; }
 has_annotation() { [ -f "$1/csm_synthetic.json" ] && python -c "import json,sys; sys.exit(0 if '$2' in (json.load(open('$1/csm_synthetic.json')).get('annotations') or {}) else 1)"; }
 
-label() {  # label DIR D ENCODER: the chosen annotation of DIR, with the real split of D
-  has_annotation "$1" "$CSM_LABEL" || csm annotate "$1" --real "$DATASET" --real-seed "$2" \
-    "${REAL_SPLIT[@]}" --encoder "classifier:$3" --name "$CSM_LABEL" "${LABEL_ARGS[@]}" \
-    --device cpu
+label() {  # label DIR D ENCODER [NAME]: annotation NAME (CSM_LABEL) of DIR, real split of D
+  local name=${4:-$CSM_LABEL}
+  # shellcheck disable=SC2046
+  has_annotation "$1" "$name" || csm annotate "$1" --real "$DATASET" --real-seed "$2" \
+    "${REAL_SPLIT[@]}" --encoder "classifier:$3" --name "$name" $(label_args "$name") --device cpu
 }
 fit_split() {  # fit_split D: the generator and the annotation encoder of split D
   local d=$1 gen=$WORK/d$1/gen enc=$WORK/d$1/encoder-ce-seed100
@@ -96,12 +115,37 @@ build_split() {  # build_split D: generator, encoder, synthetic data and labels 
   finished "$syn" || csm generate --model "$gen" --out "$syn" --groups "$NGROUPS" --steps "$SAMPLE_STEPS" \
     --guidance "$GUIDANCE" --seed "$d" --device cpu "${schedule[@]}" \
     $( [ -d "$syn" ] && echo --resume )
-  label "$syn" "$d" "$enc"
+  [ "$CSM_LABEL" = auto ] || label "$syn" "$d" "$enc"
 }
 
 if [ "${STAGE:-all}" = fit ]; then  # STAGE=fit: only the models (before CSM's label is chosen)
   for d in ${SPLITS:-$(seq 0 $((SEEDS - 1)))}; do fit_split "$d"; done
   exit 0
+fi
+if [ "${STAGE:-all}" = choose ]; then  # STAGE=choose: CSM's label mode, on validation only
+  [ "$CSM_SCHEDULE" = uniform ] || { echo "regimes.sh: STAGE=choose compares label modes on the uniform λ grid; use CSM_SCHEDULE=uniform" >&2; exit 2; }
+  for d in $(seq 0 $((SEEDS - 1))); do
+    build_split "$d"
+    for name in $CSM_CHOICES; do label "$WORK/d$d/syn" "$d" "$WORK/d$d/encoder-ce-seed100" "$name"; done
+  done
+  have=$(python eval/csm_choice.py --label-of "$OUT" --seeds "$SEEDS")
+  for name in $CSM_CHOICES; do
+    [ "$name" = "$have" ] && continue  # the regime's own CSM runs answer for this label mode
+    csm benchmark --dataset "$DATASET" --seeds "$SEEDS" --train-config "$RECIPE" "${EPOCH_ARGS[@]}" \
+      --synthetic "$WORK/d{data_seed}/syn:$name" --methods csm --evaluate false --out "$CHOICE/csm-$name"
+  done
+  # shellcheck disable=SC2086
+  python eval/csm_choice.py --runs "$OUT" "$CHOICE"/csm-* "$CHOICE"/superseded/csm-* \
+    --candidates $CSM_CHOICES --seeds "$SEEDS" --out "$CHOICE"
+  exit 0
+fi
+# CSM runs of another label mode (before a choice on validation changed it) leave OUT, kept
+old=$(case " $METHODS " in *" csm "*) python eval/csm_choice.py --label-of "$OUT" --seeds "$SEEDS" ;; esac)
+if [ -n "$old" ] && [ "$old" != "$CSM_LABEL" ]; then
+  keep=$CHOICE/superseded/csm-$old/runs
+  [ -e "$keep/csm" ] && { echo "regimes.sh: $OUT/runs/csm holds CSM runs of label mode $old and $keep/csm exists; move one of them away" >&2; exit 2; }
+  mkdir -p "$keep" && mv "$OUT/runs/csm" "$keep/csm"
+  echo "regimes.sh: the CSM runs of label mode $old moved to $keep/csm (CSM_LABEL=$CSM_LABEL)" >&2
 fi
 
 BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --train-config "$RECIPE" "${EPOCH_ARGS[@]}"
@@ -136,6 +180,10 @@ for d in $(seq 0 $((SEEDS - 1))); do
   cp "$WORK/d$d/syn/annotations/$CSM_LABEL/annotation_report.png" "$OUT/annotation/d$d-report.png"
 done
 cp "$WORK/d0/syn/README.md" "$OUT/annotation/dataset_card_d0.md"
+if [ -f "$CHOICE/choice.json" ] && [ "$(python -c "import json; print(json.load(open('$CHOICE/choice.json'))['chosen'])")" = "$CSM_LABEL" ]; then
+  cp "$CHOICE/choice.json" "$OUT/csm_choice.json"; cp "$CHOICE/choice.md" "$OUT/csm_choice.md"
+else rm -f "$OUT/csm_choice.json" "$OUT/csm_choice.md"  # CSM_LABEL was fixed by hand
+fi
 cp "$WORK/d0/gen/samples.png" "$OUT/annotation/diffusion_samples_d0.png"
 # the repository's README headline is rewritten only from the repository's results
 if [ "$(dirname "$OUT")" = eval/results ]; then python eval/summarize.py

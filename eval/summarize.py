@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -331,6 +332,24 @@ def regime_answer(
     return lines
 
 
+def choice_lines(folder: Path) -> list[str]:
+    """The CSM configuration and how it was chosen (``csm_choice.md`` of ``eval/regimes.sh
+    STAGE=choose``, else the label mode of the runs' synthetic data, fixed before the runs)."""
+    choice = folder / "csm_choice.md"
+    if choice.is_file():
+        return [*choice.read_text().strip().splitlines(), ""]
+    cfg = folder / "config.yaml"
+    spec = yaml.safe_load(cfg.read_text()).get("synthetic") if cfg.is_file() else None
+    if not spec:
+        return []
+    label = spec.rpartition(":")[2]
+    return [
+        f"CSM's label mode: **{label}**, fixed before the runs (the validation choice of the "
+        "mixing ablations, `<dataset>-mixing-ablations/summary.md`).",
+        "",
+    ]
+
+
 def regime_sections(results: Path) -> tuple[list[str], list[str]]:
     """The headline's regime sections and the README's compact table (empty: none committed)."""
     out: list[str] = []
@@ -360,6 +379,7 @@ def regime_sections(results: Path) -> tuple[list[str], list[str]]:
                 "",
                 *regime_table(rows, paired, methods),
                 "",
+                *choice_lines(folder),
                 "Does CSM calibrate, and against whom:",
                 *answer,
                 "",

@@ -19,8 +19,9 @@ Resuming: rerunning the same command after an interruption skips every run whose
 says ``complete`` (after checking its settings match), continues a half-trained run from its last
 checkpoint (``csm train --resume``), and restarts a run that had not finished its first epoch.
 Evaluation reuses each run's cached logits (:mod:`csm.evaluation.cache`), so a restart after
-training costs little. A finished run whose settings differ from this benchmark's is an error, never
-silently mixed in.
+training costs little (``--evaluate false`` stops after training: each run's ``run.json`` still
+holds its validation metrics, and a later call with evaluation reuses every run). A finished run
+whose settings differ from this benchmark's is an error, never silently mixed in.
 
 ``--methods all`` means every method of :data:`csm.training.methods.METHODS`; methods that need a
 synthetic dataset (``csm``) are skipped with a warning unless ``--synthetic DIR`` is given.
@@ -93,6 +94,13 @@ class BenchmarkConfig:
     n_bins: int = field(default=15, metadata={"help": "bins of ECE-type metrics"})
     device: str = field(default="cpu", metadata={"help": "device for evaluation inference"})
     plots: bool = field(default=True, metadata={"help": "write reliability and risk plots"})
+    evaluate: bool = field(
+        default=True,
+        metadata={
+            "help": "evaluate the runs after training (false: train only, e.g. to choose a "
+            "configuration on the runs' validation metrics without touching test)"
+        },
+    )
 
 
 def select_methods(cfg: BenchmarkConfig) -> list[str]:
@@ -320,10 +328,13 @@ def benchmark(cfg: BenchmarkConfig) -> str:
         trained += 1
         entries[i]["status"] = "complete"
         _write_manifest(cfg, entries)
-    report = evaluate(ecfg, save_cfg=False)
     summary = (
         f"benchmark {cfg.dataset}: {len(methods)} method(s) x {cfg.seeds} seed(s); "
         f"trained {trained}, reused {skipped} finished run(s)"
     )
+    if not cfg.evaluate:
+        logger.info(summary)
+        return summary + "; not evaluated (--evaluate false)"
+    report = evaluate(ecfg, save_cfg=False)
     logger.info(summary)
     return summary + "\n\n" + report

@@ -207,3 +207,15 @@ def test_one_synthetic_dataset_for_per_seed_splits_is_refused_before_any_write(t
     with pytest.raises(CSMError, match=f"--synthetic {tmp_path / 'syn0'}"):
         benchmark(cfg)
     assert not out.exists()
+
+
+def test_train_only_then_evaluate_reuses_the_runs(tmp_path):
+    out = tmp_path / "b"
+    summary = benchmark(_cfg(out, methods=["ce"], evaluate=False))
+    assert summary.endswith("trained 1, reused 0 finished run(s); not evaluated (--evaluate false)")
+    run = json.loads((out / "runs" / "ce" / "seed0" / "run.json").read_text())
+    assert run["status"] == "complete" and "val/cal/ECE" in run["val"]  # what a choice reads
+    assert not (out / "results.csv").exists() and not (out / "evaluation.json").exists()
+    report = benchmark(_cfg(out, methods=["ce"]))
+    assert "trained 0, reused 1 finished run(s)" in report
+    assert (out / "results.csv").is_file()

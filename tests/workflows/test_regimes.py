@@ -57,6 +57,46 @@ def test_regimes_script_runs_the_protocol_on_per_split_models(tmp_path: Path):
     assert "## digits, overconfident regime (2 methods x 1 seeds" in head
     assert "Does CSM calibrate, and against whom:" in head
     assert (out.parent / "README.md").is_file() is False  # the repository README is untouched
+    choose_then_rerun(cmd, env, out, work / "digits-overconfident")
+
+
+def choose_then_rerun(cmd: list[str], env: dict[str, str], out: Path, work: Path) -> None:
+    """STAGE=choose picks CSM's label mode on validation; CSM_LABEL=auto then benchmarks it."""
+    env = {**env, "CSM_CHOICES": "s4 pair-fit"}
+    auto = subprocess.run(cmd, cwd=REPO, env={**env, "CSM_LABEL": "auto"}, capture_output=True)
+    assert auto.returncode == 2 and b"needs the choice on validation first" in auto.stderr
+    choose = {**env, "STAGE": "choose", "CSM_LABEL": "auto"}
+    done = subprocess.run(cmd, cwd=REPO, env=choose, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    choice = json.loads((work / "choice" / "choice.json").read_text())
+    # pair-fit is answered by the regime's own CSM run, s4 by a train-only run (no test scores)
+    assert not (work / "choice" / "csm-pair-fit").exists()
+    s4 = work / "choice" / "csm-s4"
+    assert not (s4 / "results.csv").exists()
+    val = {
+        "pair-fit": json.loads((out / "runs" / "csm" / "seed0" / "run.json").read_text()),
+        "s4": json.loads((s4 / "runs" / "csm" / "seed0" / "run.json").read_text()),
+    }
+    ece = {k: v["val"]["val/cal/ECE"] for k, v in val.items()}
+    assert choice["chosen"] == min(ece, key=ece.get)  # the lowest validation ECE, nothing else
+    assert choice["candidates"]["s4"]["0"]["val/cal/ECE"] == ece["s4"]
+    # one candidate left: s4 is chosen whatever the values, so the pair-fit runs must move out
+    choose["CSM_CHOICES"] = env["CSM_CHOICES"] = "s4"
+    done = subprocess.run(cmd, cwd=REPO, env=choose, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    choice = json.loads((work / "choice" / "choice.json").read_text())
+    assert choice["chosen"] == "s4" and list(choice["candidates"]) == ["s4"]
+    done = subprocess.run(
+        cmd, cwd=REPO, env={**env, "CSM_LABEL": "auto"}, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = yaml.safe_load((out / "runs" / "csm" / "seed0" / "config.yaml").read_text())
+    assert config["synthetic"].endswith(":" + choice["chosen"])
+    assert json.loads((out / "csm_choice.json").read_text()) == choice
+    kept = work / "choice" / "superseded" / "csm-pair-fit" / "runs" / "csm" / "seed0"
+    assert json.loads((kept / "run.json").read_text()) == val["pair-fit"]  # kept, not deleted
+    assert "the CSM runs of label mode pair-fit moved to" in done.stderr
+    assert {r["method"] for r in read_results(out / "results.csv")} == {"ce", "csm"}
 
 
 def test_fit_stage_fits_only_the_named_splits(tmp_path: Path):

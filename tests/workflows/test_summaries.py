@@ -76,9 +76,11 @@ def results(tmp_path: Path) -> Path:
         "# Leaderboard\n\n## Sanity checks\n\n- ce is **over-confident**: OE 9% vs UE 1%.\n"
         "- TS lowers ce's ECE: 11% → 5.5% (2.00x).\n\n### Clean test\n\n- not a sanity line\n"
     )
+    (oc / "csm_choice.md").write_text("CSM's label mode, chosen on validation only: **s4**.\n")
     conv = root / "mnist5k-converged"
     _results(conv, {"ce": [(0.99, 0.02), (0.99, 0.02)], "csm": [(0.99, 0.03), (0.99, 0.03)]})
     write_paired([_paired(conv, "csm", "cal/ECE", 0.01, -0.005, 0.025)], conv / "paired.csv")
+    (conv / "config.yaml").write_text("synthetic: work/d{data_seed}/syn:pair-fit\n")
     return root
 
 
@@ -100,6 +102,9 @@ def test_headline_answers_each_regime_from_the_results(results: Path, tmp_path: 
     )
     assert "at most 0.63x CE's (the paper's ~37% reduction): 0.50x, **met**" in head
     assert "| csm | 91.00 ± 0.00 | 5.50 ± 0.71 | 2.75 ± 0.35 |" in head
+    # how CSM's configuration was chosen: STAGE=choose's table, else the runs' fixed label mode
+    assert "CSM's label mode, chosen on validation only: **s4**.\n\nDoes CSM" in head
+    assert "CSM's label mode: **pair-fit**, fixed before the runs" in head
     # converged: the paired interval contains 0
     assert "its ECE is **level with** CE's (95% interval of the paired Δ -0.50 to +2.50 pt)" in head
     text = readme.read_text()
