@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from csm.utils import atomic_write_text  # noqa: E402
 
 RULE = "lowest mean validation ECE (val/cal/ECE of each run's selected checkpoint) over the seeds"
 
@@ -91,7 +94,7 @@ def choose(vals: dict[str, dict[int, dict]]) -> tuple[str, list[str]]:
 
 
 def write(out: Path, chosen: str, vals: dict[str, dict[int, dict]], lines: list[str]) -> None:
-    """``choice.json`` and ``choice.md`` in ``out``, each written to a temporary name first."""
+    """``choice.json`` and ``choice.md`` in ``out``, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     record = {
         "chosen": chosen,
@@ -111,9 +114,7 @@ def write(out: Path, chosen: str, vals: dict[str, dict[int, dict]], lines: list[
         ("choice.json", json.dumps(record, indent=2) + "\n"),
         ("choice.md", "\n".join(md)),
     ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
 
 
 def main(argv: list[str] | None = None) -> None:
