@@ -56,10 +56,11 @@ esac
 NGROUPS=${NGROUPS:-$GROUPS_DEFAULT}
 SAMPLE_STEPS=${SAMPLE_STEPS:-25}  # DDIM steps per image
 EPOCH_ARGS=(); [ -n "${EPOCHS:-}" ] && EPOCH_ARGS=(--epochs "$EPOCHS")
-# CSM's configuration, chosen on validation by the mixing ablations (their summary.md names it)
+# CSM's configuration: the label mode fixed here, or chosen per regime on validation (auto)
 CSM_LABEL=${CSM_LABEL:-s4}  # s4 | judge-ts | pair-fit | auto (STAGE=choose's choice)
 CSM_CHOICES=${CSM_CHOICES:-s4 judge-ts pair-fit}
 CHOICE=$WORK/choice
+chosen() { python -c "import json; print(json.load(open('$CHOICE/choice.json'))['chosen'])"; }
 CSM_SCHEDULE=${CSM_SCHEDULE:-uniform}  # uniform | targeted (from a 90-group pilot per split)
 label_args() {  # label_args NAME: the csm annotate options of the label mode NAME
   case "$1" in
@@ -74,7 +75,7 @@ for name in $CSM_CHOICES; do
 done
 if [ "$CSM_LABEL" = auto ] && [ "${STAGE:-all}" = all ]; then
   [ -f "$CHOICE/choice.json" ] || { echo "regimes.sh: CSM_LABEL=auto needs the choice on validation first: STAGE=choose bash eval/regimes.sh $DATASET $REGIME" >&2; exit 2; }
-  CSM_LABEL=$(python -c "import json; print(json.load(open('$CHOICE/choice.json'))['chosen'])")
+  CSM_LABEL=$(chosen)
 fi
 [ "$CSM_LABEL" = auto ] || label_args "$CSM_LABEL" >/dev/null || { echo "regimes.sh: CSM_LABEL=$CSM_LABEL; use s4, judge-ts, pair-fit or auto" >&2; exit 2; }
 case "$CSM_SCHEDULE" in uniform|targeted) ;; *) echo "regimes.sh: CSM_SCHEDULE=$CSM_SCHEDULE; use uniform or targeted" >&2; exit 2 ;; esac
@@ -180,7 +181,7 @@ for d in $(seq 0 $((SEEDS - 1))); do
   cp "$WORK/d$d/syn/annotations/$CSM_LABEL/annotation_report.png" "$OUT/annotation/d$d-report.png"
 done
 cp "$WORK/d0/syn/README.md" "$OUT/annotation/dataset_card_d0.md"
-if [ -f "$CHOICE/choice.json" ] && [ "$(python -c "import json; print(json.load(open('$CHOICE/choice.json'))['chosen'])")" = "$CSM_LABEL" ]; then
+if [ -f "$CHOICE/choice.json" ] && [ "$(chosen)" = "$CSM_LABEL" ]; then
   cp "$CHOICE/choice.json" "$OUT/csm_choice.json"; cp "$CHOICE/choice.md" "$OUT/csm_choice.md"
 else rm -f "$OUT/csm_choice.json" "$OUT/csm_choice.md"  # CSM_LABEL was fixed by hand
 fi
