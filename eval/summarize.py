@@ -290,7 +290,8 @@ def regime_answer(
 ) -> list[str]:
     """Does CSM calibrate, and against whom: the acceptance questions of issue 15, answered."""
     if "csm" not in methods or "ce" not in methods:
-        return ["- CSM or CE missing: no answer."]
+        missing = " and ".join(m for m in ("ce", "csm") if m not in methods)
+        return [f"- no {missing} runs in this folder yet: no answer (see the write-up's status)."]
     acc = {m: mean(per_seed(rows, m, "none", "cls/Acc")) * 100 for m in methods}
     peers = [m for m in methods if m != "csm" and acc[m] >= acc["ce"] - ACC_MARGIN]
     lines = []
@@ -379,7 +380,7 @@ def regime_sections(results: Path) -> tuple[list[str], list[str]]:
                 "",
                 *regime_table(rows, paired, methods),
                 "",
-                *choice_lines(folder),
+                *(choice_lines(folder) if "csm" in methods else []),
                 "Does CSM calibrate, and against whom:",
                 *answer,
                 "",
