@@ -333,9 +333,12 @@ def regime_answer(
     return lines
 
 
-def choice_lines(folder: Path) -> list[str]:
+def choice_lines(folder: Path, methods: list[str]) -> list[str]:
     """The CSM configuration and how it was chosen (``csm_choice.md`` of ``eval/regimes.sh
-    STAGE=choose``, else the label mode of the runs' synthetic data, fixed before the runs)."""
+    STAGE=choose``, else the label mode of the runs' synthetic data, fixed before the runs);
+    nothing where the folder holds no CSM runs (its ``--synthetic`` option alone says nothing)."""
+    if "csm" not in methods:
+        return []
     choice = folder / "csm_choice.md"
     if choice.is_file():
         return [*choice.read_text().strip().splitlines(), ""]
@@ -380,7 +383,7 @@ def regime_sections(results: Path) -> tuple[list[str], list[str]]:
                 "",
                 *regime_table(rows, paired, methods),
                 "",
-                *(choice_lines(folder) if "csm" in methods else []),
+                *choice_lines(folder, methods),
                 "Does CSM calibrate, and against whom:",
                 *answer,
                 "",
