@@ -27,8 +27,9 @@
 #   WORK (default .cache/regimes) holds generators, synthetic data and encoders; SEEDS (5);
 #   METHODS (default: the methods the CSM paper compares against, plus CE and CSM; "all": all 16);
 #   PARALLEL=2 trains in two worker processes sharing a queue of methods; STAGE=fit fits only the
-#   generators and encoders (they do not depend on CSM's label choice); SPLITS="3 4" limits it to
-#   those splits (two STAGE=fit runs on disjoint splits share the work); STAGE=choose chooses
+#   generators and encoders (they do not depend on CSM's label choice); STAGE=build also makes
+#   the synthetic data and its label of every mode of CSM_CHOICES; SPLITS="3 4" limits either to
+#   those splits (two runs on disjoint splits share the work); STAGE=choose chooses
 #   CSM's label mode on validation (above; CSM_CHOICES, default "s4 judge-ts pair-fit"), after
 #   which CSM_LABEL=auto runs the benchmark with it, moving CSM runs of another label mode out of
 #   OUT to WORK/choice/superseded/ (their run.json are kept there). A smoke run at toy size:
@@ -45,6 +46,7 @@ METHODS=${METHODS:-ce ls focal flsd53 mmce mbls mixup regmixup rankmixup csm}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RECIPE=train/${DATASET}_$REGIME.yaml
 [ -f "$RECIPE" ] || { echo "regimes.sh: no recipe $RECIPE; use digits|mnist5k converged|overconfident" >&2; exit 2; }
+case "${STAGE:-all}" in all|fit|build|choose) ;; *) echo "regimes.sh: STAGE=$STAGE; use fit, build, choose or leave it unset (the whole benchmark)" >&2; exit 2 ;; esac
 case "$DATASET" in
   # the generator settings that meet the quality goals (eval/results/generator-quality/)
   digits) GEN_ARGS=(--steps 1500); GROUPS_DEFAULT=512; GUIDANCE=2 ;;
@@ -119,16 +121,18 @@ build_split() {  # build_split D: generator, encoder, synthetic data and labels 
   [ "$CSM_LABEL" = auto ] || label "$syn" "$d" "$enc"
 }
 
-if [ "${STAGE:-all}" = fit ]; then  # STAGE=fit: only the models (before CSM's label is chosen)
-  for d in ${SPLITS:-$(seq 0 $((SEEDS - 1)))}; do fit_split "$d"; done
-  exit 0
-fi
+candidates() {  # candidates D: split D's synthetic data with the label of every CSM_CHOICES mode
+  build_split "$1"
+  for name in $CSM_CHOICES; do label "$WORK/d$1/syn" "$1" "$WORK/d$1/encoder-ce-seed100" "$name"; done
+}
+
+case "${STAGE:-all}" in  # STAGE=fit|build: only the models (and data) of SPLITS, before the choice
+  fit) for d in ${SPLITS:-$(seq 0 $((SEEDS - 1)))}; do fit_split "$d"; done; exit 0 ;;
+  build) for d in ${SPLITS:-$(seq 0 $((SEEDS - 1)))}; do candidates "$d"; done; exit 0 ;;
+esac
 if [ "${STAGE:-all}" = choose ]; then  # STAGE=choose: CSM's label mode, on validation only
   [ "$CSM_SCHEDULE" = uniform ] || { echo "regimes.sh: STAGE=choose compares label modes on the uniform λ grid; use CSM_SCHEDULE=uniform" >&2; exit 2; }
-  for d in $(seq 0 $((SEEDS - 1))); do
-    build_split "$d"
-    for name in $CSM_CHOICES; do label "$WORK/d$d/syn" "$d" "$WORK/d$d/encoder-ce-seed100" "$name"; done
-  done
+  for d in $(seq 0 $((SEEDS - 1))); do candidates "$d"; done
   have=$(python eval/csm_choice.py --label-of "$OUT" --seeds "$SEEDS")
   for name in $CSM_CHOICES; do
     [ "$name" = "$have" ] && continue  # the regime's own CSM runs answer for this label mode

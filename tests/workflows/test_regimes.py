@@ -99,7 +99,7 @@ def choose_then_rerun(cmd: list[str], env: dict[str, str], out: Path, work: Path
     assert {r["method"] for r in read_results(out / "results.csv")} == {"ce", "csm"}
 
 
-def test_fit_stage_fits_only_the_named_splits(tmp_path: Path):
+def test_fit_and_build_stages_make_only_the_named_splits(tmp_path: Path):
     work = tmp_path / "work"
     env = {**offline_env(), "WORK": str(work), "STAGE": "fit", "SPLITS": "1"}
     env |= {"GEN_STEPS": "2", "EPOCHS": "1"}
@@ -113,3 +113,20 @@ def test_fit_stage_fits_only_the_named_splits(tmp_path: Path):
     # the encoder was trained on split 1 (data seed 1), as the runs of seed 1 are
     config = yaml.safe_load((fitted / "d1" / "encoder-ce-seed100" / "config.yaml").read_text())
     assert (config["data_seed"], config["seed"]) == (1, 100)
+    # STAGE=build adds split 1's synthetic data with the label of every candidate mode
+    env |= {"STAGE": "build", "CSM_CHOICES": "s4 pair-fit", "NGROUPS": "45", "SAMPLE_STEPS": "2"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in fitted.iterdir()) == ["d1"]
+    record = json.loads((fitted / "d1" / "syn" / "csm_synthetic.json").read_text())
+    assert record["finalized"] and sorted(record["annotations"]) == ["pair-fit", "s4"]
+    want = load_real("digits", seed=1, val_fraction=0.3, train_per_class=15).split_record()
+    assert synthetic_splits(f"{fitted / 'd1' / 'syn'}:s4")["annotation encoder"] == want
+
+
+def test_a_mistyped_stage_is_refused_before_any_work(tmp_path: Path):
+    env = {**offline_env(), "WORK": str(tmp_path / "work"), "STAGE": "biuld"}
+    cmd = ["bash", str(REPO / "eval" / "regimes.sh"), "digits", "overconfident"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "STAGE=biuld; use fit, build, choose" in done.stderr
+    assert not (tmp_path / "work").exists()
