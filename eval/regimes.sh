@@ -46,7 +46,8 @@ METHODS=${METHODS:-ce ls focal flsd53 mmce mbls mixup regmixup rankmixup csm}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 RECIPE=train/${DATASET}_$REGIME.yaml
 [ -f "$RECIPE" ] || { echo "regimes.sh: no recipe $RECIPE; use digits|mnist5k converged|overconfident" >&2; exit 2; }
-case "${STAGE:-all}" in all|fit|build|choose) ;; *) echo "regimes.sh: STAGE=$STAGE; use fit, build, choose or leave it unset (the whole benchmark)" >&2; exit 2 ;; esac
+STAGE=${STAGE:-all}
+case "$STAGE" in all|fit|build|choose) ;; *) echo "regimes.sh: STAGE=$STAGE; use fit, build, choose or leave it unset (the whole benchmark)" >&2; exit 2 ;; esac
 case "$DATASET" in
   # the generator settings that meet the quality goals (eval/results/generator-quality/)
   digits) GEN_ARGS=(--steps 1500); GROUPS_DEFAULT=512; GUIDANCE=2 ;;
@@ -75,7 +76,7 @@ label_args() {  # label_args NAME: the csm annotate options of the label mode NA
 for name in $CSM_CHOICES; do
   label_args "$name" >/dev/null || { echo "regimes.sh: CSM_CHOICES has $name; use s4, judge-ts or pair-fit" >&2; exit 2; }
 done
-if [ "$CSM_LABEL" = auto ] && [ "${STAGE:-all}" = all ]; then
+if [ "$CSM_LABEL" = auto ] && [ "$STAGE" = all ]; then
   [ -f "$CHOICE/choice.json" ] || { echo "regimes.sh: CSM_LABEL=auto needs the choice on validation first: STAGE=choose bash eval/regimes.sh $DATASET $REGIME" >&2; exit 2; }
   CSM_LABEL=$(chosen)
 fi
@@ -126,11 +127,12 @@ candidates() {  # candidates D: split D's synthetic data with the label of every
   for name in $CSM_CHOICES; do label "$WORK/d$1/syn" "$1" "$WORK/d$1/encoder-ce-seed100" "$name"; done
 }
 
-case "${STAGE:-all}" in  # STAGE=fit|build: only the models (and data) of SPLITS, before the choice
-  fit) for d in ${SPLITS:-$(seq 0 $((SEEDS - 1)))}; do fit_split "$d"; done; exit 0 ;;
-  build) for d in ${SPLITS:-$(seq 0 $((SEEDS - 1)))}; do candidates "$d"; done; exit 0 ;;
+SPLITS=${SPLITS:-$(seq 0 $((SEEDS - 1)))}
+case "$STAGE" in  # STAGE=fit|build: only the models (and data) of SPLITS, before the choice
+  fit) for d in $SPLITS; do fit_split "$d"; done; exit 0 ;;
+  build) for d in $SPLITS; do candidates "$d"; done; exit 0 ;;
 esac
-if [ "${STAGE:-all}" = choose ]; then  # STAGE=choose: CSM's label mode, on validation only
+if [ "$STAGE" = choose ]; then  # STAGE=choose: CSM's label mode, on validation only
   [ "$CSM_SCHEDULE" = uniform ] || { echo "regimes.sh: STAGE=choose compares label modes on the uniform λ grid; use CSM_SCHEDULE=uniform" >&2; exit 2; }
   for d in $(seq 0 $((SEEDS - 1))); do candidates "$d"; done
   have=$(python eval/csm_choice.py --label-of "$OUT" --seeds "$SEEDS")

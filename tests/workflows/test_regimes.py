@@ -15,6 +15,8 @@ from csm.evaluation.leaderboard import read_paired, read_results
 from csm.training.sampler import synthetic_splits
 
 REPO = Path(__file__).resolve().parents[2]
+# the regimes.sh command of these tests
+DIGITS_OVERCONFIDENT = ["bash", str(REPO / "eval" / "regimes.sh"), "digits", "overconfident"]
 
 
 def offline_env() -> dict[str, str]:
@@ -38,7 +40,7 @@ def test_regimes_script_runs_the_protocol_on_per_split_models(tmp_path: Path):
         "SAMPLE_STEPS": "2",
         "CSM_LABEL": "pair-fit",
     }
-    cmd = ["bash", str(REPO / "eval" / "regimes.sh"), "digits", "overconfident"]
+    cmd = DIGITS_OVERCONFIDENT
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     # the generator and the annotation encoder of split 0 saw exactly the runs' training images
@@ -103,7 +105,7 @@ def test_fit_and_build_stages_make_only_the_named_splits(tmp_path: Path):
     work = tmp_path / "work"
     env = {**offline_env(), "WORK": str(work), "STAGE": "fit", "SPLITS": "1"}
     env |= {"GEN_STEPS": "2", "EPOCHS": "1"}
-    cmd = ["bash", str(REPO / "eval" / "regimes.sh"), "digits", "overconfident"]
+    cmd = DIGITS_OVERCONFIDENT
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     fitted = work / "digits-overconfident"
@@ -126,7 +128,7 @@ def test_fit_and_build_stages_make_only_the_named_splits(tmp_path: Path):
 
 def test_a_mistyped_stage_is_refused_before_any_work(tmp_path: Path):
     env = {**offline_env(), "WORK": str(tmp_path / "work"), "STAGE": "biuld"}
-    cmd = ["bash", str(REPO / "eval" / "regimes.sh"), "digits", "overconfident"]
+    cmd = DIGITS_OVERCONFIDENT
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "STAGE=biuld; use fit, build, choose" in done.stderr
     assert not (tmp_path / "work").exists()
