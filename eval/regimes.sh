@@ -21,7 +21,8 @@
 #     each label mode of CSM_CHOICES (train only, csm benchmark --evaluate false; the regime's own
 #     CSM runs answer for their label) and eval/csm_choice.py keeps the lowest mean val ECE (the
 #     rule of the mixing ablations, eval/results/*-mixing-ablations/summary.md); CSM_LABEL=auto
-#     then uses it (its table: OUT/csm_choice.md). CSM_LABEL=s4|judge-ts|pair-fit fixes it.
+#     then uses it (its table: OUT/csm_choice.md) and copies the chosen mode's runs into OUT
+#     instead of training them again. CSM_LABEL=s4|judge-ts|pair-fit fixes it.
 #
 # usage: bash eval/regimes.sh digits|mnist5k converged|overconfident [PARALLEL]
 #   WORK (default .cache/regimes) holds generators, synthetic data and encoders; SEEDS (5);
@@ -153,6 +154,17 @@ if [ -n "$old" ] && [ "$old" != "$CSM_LABEL" ]; then
   [ -e "$keep/csm" ] && { echo "regimes.sh: $OUT/runs/csm holds CSM runs of label mode $old and $keep/csm exists; move one of them away" >&2; exit 2; }
   mkdir -p "$keep" && mv "$OUT/runs/csm" "$keep/csm"
   echo "regimes.sh: the CSM runs of label mode $old moved to $keep/csm (CSM_LABEL=$CSM_LABEL)" >&2
+fi
+
+# the chosen mode's runs of STAGE=choose are the benchmark's CSM runs (same recipe, seeds, splits
+# and synthetic data; the benchmark refuses them if any setting differs): copied, not retrained
+adopt=$CHOICE/csm-$CSM_LABEL
+if [ -n "$(case " $METHODS " in *" csm "*) echo y ;; esac)" ] && [ ! -e "$OUT/runs/csm" ] \
+   && [ "$(python eval/csm_choice.py --label-of "$adopt" --seeds "$SEEDS")" = "$CSM_LABEL" ]; then
+  python -c "import sys; from csm.utils import claim_output; claim_output(sys.argv[1], 'benchmark')" "$OUT"
+  mkdir -p "$OUT/runs" && rm -rf "$OUT/runs/.csm.copy"
+  cp -r "$adopt/runs/csm" "$OUT/runs/.csm.copy" && mv "$OUT/runs/.csm.copy" "$OUT/runs/csm"
+  echo "regimes.sh: the CSM runs of label mode $CSM_LABEL copied from $adopt (STAGE=choose trained them)" >&2
 fi
 
 BENCH=(--dataset "$DATASET" --seeds "$SEEDS" --train-config "$RECIPE" "${EPOCH_ARGS[@]}"

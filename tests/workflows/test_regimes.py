@@ -98,6 +98,14 @@ def choose_then_rerun(cmd: list[str], env: dict[str, str], out: Path, work: Path
     kept = work / "choice" / "superseded" / "csm-pair-fit" / "runs" / "csm" / "seed0"
     assert json.loads((kept / "run.json").read_text()) == val["pair-fit"]  # kept, not deleted
     assert "the CSM runs of label mode pair-fit moved to" in done.stderr
+    # the chosen mode's run of STAGE=choose is the benchmark's CSM run: copied, not trained again
+    assert "the CSM runs of label mode s4 copied from" in done.stderr
+    assert "trained 0, reused 2 finished run(s)" in done.stderr
+    run = out / "runs" / "csm" / "seed0"
+    assert (run / "model.safetensors").read_bytes() == (
+        s4 / "runs" / "csm" / "seed0" / "model.safetensors"
+    ).read_bytes()
+    assert json.loads((run / "run.json").read_text()) == val["s4"]
     assert {r["method"] for r in read_results(out / "results.csv")} == {"ce", "csm"}
 
 
