@@ -148,7 +148,8 @@ if [ "$STAGE" = choose ]; then  # STAGE=choose: CSM's label mode, on validation 
   exit 0
 fi
 # CSM runs of another label mode (before a choice on validation changed it) leave OUT, kept
-old=$(case " $METHODS " in *" csm "*) python eval/csm_choice.py --label-of "$OUT" --seeds "$SEEDS" ;; esac)
+with_csm() { case " $METHODS " in *" csm "*) return 0 ;; esac; return 1; }  # METHODS has csm
+old=$(if with_csm; then python eval/csm_choice.py --label-of "$OUT" --seeds "$SEEDS"; fi)
 if [ -n "$old" ] && [ "$old" != "$CSM_LABEL" ]; then
   keep=$CHOICE/superseded/csm-$old/runs
   [ -e "$keep/csm" ] && { echo "regimes.sh: $OUT/runs/csm holds CSM runs of label mode $old and $keep/csm exists; move one of them away" >&2; exit 2; }
@@ -159,7 +160,7 @@ fi
 # the chosen mode's runs of STAGE=choose are the benchmark's CSM runs (same recipe, seeds, splits
 # and synthetic data; the benchmark refuses them if any setting differs): copied, not retrained
 adopt=$CHOICE/csm-$CSM_LABEL
-if [ -n "$(case " $METHODS " in *" csm "*) echo y ;; esac)" ] && [ ! -e "$OUT/runs/csm" ] \
+if with_csm && [ ! -e "$OUT/runs/csm" ] \
    && [ "$(python eval/csm_choice.py --label-of "$adopt" --seeds "$SEEDS")" = "$CSM_LABEL" ]; then
   python -c "import sys; from csm.utils import claim_output; claim_output(sys.argv[1], 'benchmark')" "$OUT"
   mkdir -p "$OUT/runs" && rm -rf "$OUT/runs/.csm.copy"
@@ -182,7 +183,7 @@ if [ "$PARALLEL" -gt 1 ]; then
   # worker 2 starts at once on the methods that need no synthetic data
   CLAIMS=$(mktemp -d); trap 'rm -rf "$CLAIMS"' EXIT
   ( for d in $(seq 0 $((SEEDS - 1))); do build_split "$d"; done
-    case " $METHODS " in *" csm "*) train_queue "$CLAIMS" csm ;; esac
+    if with_csm; then train_queue "$CLAIMS" csm; fi
     train_queue "$CLAIMS" $PLAIN ) &
   p1=$!
   train_queue "$CLAIMS" $PLAIN &
